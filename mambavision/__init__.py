@@ -1,0 +1,9 @@
+"""MambaVision backbones for PyTorch and timm: ``import mambavision`` registers the models with timm."""
+from .model import (
+    Attention, ConvBlock, Downsample, HybridBlock, MambaVision, MambaVisionMixer, MambaVisionStage, Stem,
+    window_partition, window_reverse,
+)
+from .ops.selective_scan import available_scan_backends, get_scan_backend, selective_scan, set_scan_backend
+from .weights import checkpoint_filter_fn, read_state_dict
+
+__version__ = '0.1.0'

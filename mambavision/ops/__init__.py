@@ -1,0 +1,5 @@
+"""Kernels and their pure-PyTorch references."""
+from .selective_scan import (
+    available_scan_backends, get_scan_backend, resolve_scan_backend, selective_scan, selective_scan_ref,
+    selective_scan_torch, set_scan_backend,
+)

@@ -1,0 +1,156 @@
+"""Reading MambaVision weight files safely and mapping them onto ``MambaVision``.
+
+Accepted files: the published ``.pth.tar`` training checkpoints (weights under
+``state_dict``, beside an ``argparse.Namespace`` and optimizer state), plain state
+dicts (``.pth``, ``.bin``, ``.safetensors``), and the Hugging Face transformers form
+(``model.`` prefix). Pickles are read with ``weights_only=True``; only the harmless
+classes in ``SAFE_GLOBALS`` are allowed besides tensors and containers.
+"""
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from typing import Any, Dict, Optional
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+__all__ = ['read_state_dict', 'checkpoint_filter_fn', 'load_pretrained_file', 'resolve_weights_source', 'SAFE_GLOBALS']
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+# published name pattern -> our name (applied in order, first match wins)
+_RENAMES = [
+    (r'^patch_embed\.conv_down\.0\.', 'stem.conv1.'),
+    (r'^patch_embed\.conv_down\.1\.', 'stem.norm1.'),
+    (r'^patch_embed\.conv_down\.3\.', 'stem.conv2.'),
+    (r'^patch_embed\.conv_down\.4\.', 'stem.norm2.'),
+    (r'^levels\.(\d+)\.downsample\.reduction\.0\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.conv.'),
+    (r'^levels\.(\d+)\.blocks\.(\d+)\.gamma_1$', r'stages.\1.blocks.\2.ls1.gamma'),
+    (r'^levels\.(\d+)\.blocks\.(\d+)\.gamma_2$', r'stages.\1.blocks.\2.ls2.gamma'),
+    (r'^levels\.(\d+)\.blocks\.(\d+)\.gamma$', r'stages.\1.blocks.\2.ls.gamma'),
+    (r'^levels\.', 'stages.'),
+    (r'^head\.(weight|bias)$', r'head.fc.\1'),
+]
+
+
+def _published_to_ours(name: str) -> str:
+    for pattern, repl in _RENAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Published (or transformers) tensor names -> ``MambaVision`` names; ours pass unchanged."""
+    for key in ('state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    if 'stem.conv1.weight' in state_dict:
+        return dict(state_dict)
+    out = {}
+    for name, tensor in state_dict.items():
+        name = re.sub(r'^(module\.|model\.)+', '', name)
+        out[_published_to_ours(name)] = tensor
+    return out
+
+
+def _describe(path: str) -> str:
+    return os.path.basename(path) or path
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The weights in ``path`` (the ``state_dict`` entry of a training checkpoint), without running code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'weight file not found: {path}')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
+            match = re.search(r'GLOBAL ([\w.]+)', str(e))
+            reason = f'it holds {match[1] if match else "an object"} which is not allowed in a weight file'
+        raise RuntimeError(f'cannot read weight file {path}: {reason}') from None
+    if not isinstance(checkpoint, dict):
+        raise RuntimeError(f'weight file {path} holds a {type(checkpoint).__name__}, expected a dict of tensors')
+    for key in ('state_dict', 'model'):  # 'state_dict', not 'state_dict_ema': the published accuracies use it
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    return checkpoint
+
+
+def load_pretrained_file(model: nn.Module, path: str) -> None:
+    """Load weight file ``path`` into ``model`` strictly, adapting classifier and first conv as timm does.
+
+    The classifier is dropped (and stays freshly initialised) when the file's class
+    count differs from the model's; the first conv is adapted with timm's
+    ``adapt_input_conv`` when ``in_chans`` differs. Any other missing, unexpected or
+    mis-shaped tensor raises a ``RuntimeError`` naming it.
+    """
+    from timm.models._manipulate import adapt_input_conv
+
+    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    own = model.state_dict()
+    conv = 'stem.conv1.weight'
+    if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
+        state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
+    for name in ('head.fc.weight', 'head.fc.bias'):
+        if name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
+            state_dict.pop(name)  # another class count, or no classifier: keep the model's own head
+    missing = [n for n in own if n not in state_dict and not n.startswith('head.fc.')]
+    unexpected = [n for n in state_dict if n not in own]
+    mismatched = [
+        f'{n} (file {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)})'
+        for n in state_dict if n in own and state_dict[n].shape != own[n].shape]
+    problems = [
+        f'{what}: {", ".join(names[:5])}{" ..." if len(names) > 5 else ""}'
+        for what, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', mismatched)) if names]
+    if problems:
+        raise RuntimeError(f'weight file {_describe(path)} does not fit {type(model).__name__}: ' + '; '.join(problems))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_weights_source(cfg):
+    """``cfg`` (a timm ``PretrainedCfg``) pointed at a local file whenever one can serve.
+
+    A local ``file`` is loaded through ``MambaVision.load_pretrained`` (timm would
+    otherwise unpickle it with its generic loader, which prefers the EMA weights).
+    Hub weights already in the local cache are used without touching the network;
+    otherwise, when the hub cannot be reached, this fails at once with one line
+    instead of retrying for many seconds.
+    """
+    if cfg.file:
+        return dataclasses.replace(cfg, custom_load=True)
+    if cfg.state_dict is not None or not (cfg.hf_hub_id and cfg.hf_hub_filename):
+        return cfg
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename)
+    if isinstance(cached, str):
+        return dataclasses.replace(cfg, file=cached, custom_load=True)
+    if not _hub_reachable():
+        raise RuntimeError(
+            f'cannot download {cfg.hf_hub_id}/{cfg.hf_hub_filename}: the Hugging Face hub is unreachable '
+            f'(offline?); pass pretrained_cfg_overlay=dict(file=PATH) to load a local copy')
+    return cfg
