@@ -1,0 +1,84 @@
+"""Shared test helpers: the golden fixtures of the published code and the published checkpoint names."""
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+import mambavision
+from mambavision import checkpoint_filter_fn
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+TINY_FIXTURES = ('official_tiny_a', 'official_tiny_b')
+
+# published model entry (official_state_dict_keys.json) -> our registered architecture
+PUBLISHED_TO_REGISTERED = {
+    'mamba_vision_T': 'mambavision_t',
+    'mamba_vision_T2': 'mambavision_t2',
+    'mamba_vision_S': 'mambavision_s',
+    'mamba_vision_B': 'mambavision_b',
+    'mamba_vision_B_21k': 'mambavision_b',
+    'mamba_vision_L': 'mambavision_l',
+    'mamba_vision_L_21k': 'mambavision_l',
+    'mamba_vision_L2': 'mambavision_l2',
+    'mamba_vision_L2_512_21k': 'mambavision_l2_512',
+    'mamba_vision_L3_256_21k': 'mambavision_l3_256',
+    'mamba_vision_L3_512_21k': 'mambavision_l3_512',
+}
+
+
+class TinyFixture:
+    """One golden fixture: published constructor args, published weights and the published code's outputs."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.arch = json.loads((FIXTURES / f'{name}.json').read_text())['architecture']
+        self.tensors = load_file(FIXTURES / f'{name}.safetensors')
+        prefix = 'state_dict.'
+        self.state_dict = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        self.num_inputs = sum(k.startswith('input.') for k in self.tensors)
+
+    def __getitem__(self, key: str):
+        return self.tensors[key]
+
+    def create_model(self, **kwargs):
+        """``test_mambavision`` with this fixture's architecture (random weights, eval mode)."""
+        return timm.create_model('test_mambavision', **dict(self.arch, **kwargs)).eval()
+
+    def loaded_model(self, **kwargs):
+        """The fixture's architecture holding the fixture's weights (strict load of the mapped names)."""
+        model = self.create_model(**kwargs)
+        model.load_state_dict(checkpoint_filter_fn(self.state_dict, model))
+        return model
+
+
+@lru_cache(maxsize=None)
+def _tiny_fixture(name: str) -> TinyFixture:
+    return TinyFixture(name)
+
+
+@pytest.fixture(params=TINY_FIXTURES)
+def tiny(request) -> TinyFixture:
+    return _tiny_fixture(request.param)
+
+
+@pytest.fixture
+def tiny_a() -> TinyFixture:
+    return _tiny_fixture('official_tiny_a')
+
+
+@pytest.fixture(scope='session')
+def published_keys() -> dict:
+    """Published entry name -> [[tensor name, shape], ...] of the 11 published checkpoints."""
+    return json.loads((FIXTURES / 'official_state_dict_keys.json').read_text())
+
+
+@pytest.fixture(autouse=True)
+def _default_scan_backend(monkeypatch):
+    """Every test starts and ends with the scan backend chosen per device."""
+    monkeypatch.delenv('MAMBAVISION_SCAN', raising=False)
+    mambavision.set_scan_backend(None)
+    yield
+    mambavision.set_scan_backend(None)
