@@ -1,0 +1,167 @@
+"""Selective scan: the backends against an independent float64 loop, gradients, dtypes and backend selection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mambavision
+from mambavision.ops import selective_scan, selective_scan_ref, selective_scan_torch
+
+CPU_BACKENDS = mambavision.available_scan_backends('cpu')
+
+
+def _inputs(batch=2, channels=5, length=7, d_state=4, seed=0, dtype=torch.float32):
+    """Random scan inputs (shapes: mambavision.ops.selective_scan's module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    return dict(
+        u=rand(batch, channels, length).to(dtype),
+        delta=(0.5 * rand(batch, channels, length)).to(dtype),
+        A=-torch.exp(0.5 * rand(channels, d_state)).float(),
+        B=rand(batch, d_state, length).to(dtype),
+        C=rand(batch, d_state, length).to(dtype),
+        D=rand(channels).float(),
+        delta_bias=(0.5 * rand(channels)).float(),
+    )
+
+
+def _loop64(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    """The recurrence written out element by element in float64."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    batch, channels, length = u.shape
+    y = torch.zeros(batch, channels, length, dtype=torch.float64)
+    for b in range(batch):
+        for d in range(channels):
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            for t in range(length):
+                dt = delta[b, d, t] + (delta_bias[d].double() if delta_bias is not None else 0.)
+                dt = F.softplus(dt) if delta_softplus else dt
+                h = torch.exp(dt * A[d]) * h + dt * B[b, :, t] * u[b, d, t]
+                y[b, d, t] = (h * C[b, :, t]).sum() + (D[d].double() * u[b, d, t] if D is not None else 0.)
+    return y
+
+
+@pytest.mark.parametrize('length', [1, 7, 49])
+@pytest.mark.parametrize('use_d, use_bias, softplus', [(True, True, True), (False, False, True), (True, False, False)])
+def test_reference_matches_float64_loop(length, use_d, use_bias, softplus):
+    x = _inputs(batch=2, channels=3, length=length)
+    if not softplus:
+        x['delta'] = x['delta'].abs()
+    kwargs = dict(D=x['D'] if use_d else None, delta_bias=x['delta_bias'] if use_bias else None,
+                  delta_softplus=softplus)
+    args = (x['u'], x['delta'], x['A'], x['B'], x['C'])
+    y = selective_scan_ref(*args, **kwargs)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _loop64(*args, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('length', [1, 2, 7, 49, 197])
+@pytest.mark.parametrize('channels', [1, 5])
+@pytest.mark.parametrize('use_d, use_bias, softplus', [(True, True, True), (False, False, True), (True, False, False)])
+def test_torch_backend_matches_reference_with_gradients(length, channels, use_d, use_bias, softplus):
+    x = _inputs(batch=2, channels=channels, length=length, seed=length + channels)
+    if not softplus:
+        x['delta'] = x['delta'].abs()
+    names = ['u', 'delta', 'A', 'B', 'C'] + ['D'] * use_d + ['delta_bias'] * use_bias
+
+    def run(fn):
+        leaves = {k: x[k].clone().requires_grad_(True) for k in names}
+        y = fn(leaves['u'], leaves['delta'], leaves['A'], leaves['B'], leaves['C'],
+               D=leaves.get('D'), delta_bias=leaves.get('delta_bias'), delta_softplus=softplus)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        y.backward(grad_out)
+        # a gradient that does not flow (A when L == 1, since h_0 = 0) is zero
+        return y.detach(), {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
+
+    y_ref, g_ref = run(selective_scan_ref)
+    y, g = run(selective_scan_torch)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert set(g) == set(names)
+    for k in names:
+        assert g_ref[k].abs().sum() > 0 or (k == 'A' and length == 1), k
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-4, msg=f'gradient of {k}')
+
+
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
+def test_bf16_under_autocast_computes_in_float32(backend):
+    """bf16 inputs give bf16 outputs, equal to the float32 computation on the same values, autocast or not."""
+    x = _inputs(length=33, dtype=torch.bfloat16)
+    y32 = selective_scan(**{k: v.float() for k, v in x.items()}, backend=backend)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = selective_scan(**x, backend=backend)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, y32.to(torch.bfloat16))
+
+
+def test_float64_inputs_keep_their_dtype():
+    x = _inputs(length=5, dtype=torch.float64)
+    for backend in CPU_BACKENDS:
+        assert selective_scan(**x, backend=backend).dtype == torch.float64
+
+
+def test_backend_from_env_and_api(monkeypatch):
+    assert mambavision.get_scan_backend() == 'auto'
+    assert mambavision.ops.resolve_scan_backend('cpu') == CPU_BACKENDS[0]
+    monkeypatch.setenv('MAMBAVISION_SCAN', 'reference')
+    assert mambavision.get_scan_backend() == 'reference'
+    assert mambavision.ops.resolve_scan_backend('cpu') == 'reference'
+    mambavision.set_scan_backend('torch')  # the API wins over the environment
+    assert mambavision.get_scan_backend() == 'torch'
+    mambavision.set_scan_backend(None)
+    assert mambavision.get_scan_backend() == 'reference'
+    monkeypatch.delenv('MAMBAVISION_SCAN')
+    mambavision.set_scan_backend('auto')
+    assert mambavision.get_scan_backend() == 'auto'
+
+
+def test_available_backends_on_cpu():
+    assert CPU_BACKENDS[-2:] == ['torch', 'reference']
+    assert 'mamba_ssm' not in CPU_BACKENDS and 'triton' not in CPU_BACKENDS
+
+
+def test_unknown_backend_is_a_value_error(monkeypatch):
+    with pytest.raises(ValueError, match='unknown scan backend'):
+        mambavision.set_scan_backend('cuda_fast')
+    with pytest.raises(ValueError, match='unknown scan backend'):
+        selective_scan(**_inputs(), backend='cuda_fast')
+    monkeypatch.setenv('MAMBAVISION_SCAN', 'cuda_fast')
+    with pytest.raises(ValueError, match='cuda_fast'):
+        selective_scan(**_inputs())
+
+
+@pytest.mark.parametrize('name', ['mamba_ssm', 'triton'])
+def test_forced_backend_that_cannot_run_on_cpu(name, monkeypatch):
+    x = _inputs()
+    mambavision.set_scan_backend(name)
+    with pytest.raises(RuntimeError, match=f"'{name}' cannot run on cpu"):
+        selective_scan(**x)
+    mambavision.set_scan_backend(None)
+    monkeypatch.setenv('MAMBAVISION_SCAN', name)
+    with pytest.raises(RuntimeError, match=f"'{name}' cannot run on cpu"):
+        selective_scan(**x)
+    with pytest.raises(RuntimeError, match=name):
+        selective_scan(**x, backend=name)
+
+
+@pytest.mark.parametrize('backend', CPU_BACKENDS)
+def test_mixer_runs_the_chosen_backend(backend, monkeypatch):
+    """The mixer's scan goes through the dispatcher and gives exactly the chosen backend's result."""
+    import mambavision.model as model_module
+    calls = []
+
+    def spy(*args, **kwargs):
+        y = selective_scan(*args, **kwargs)
+        calls.append((args, kwargs, y))
+        return y
+
+    monkeypatch.setattr(model_module, 'selective_scan', spy)
+    torch.manual_seed(0)
+    mixer = mambavision.MambaVisionMixer(32)
+    mambavision.set_scan_backend(backend)
+    with torch.no_grad():
+        mixer(torch.randn(2, 49, 32))
+    assert len(calls) == 1
+    args, kwargs, y = calls[0]
+    kwargs = {k: v for k, v in kwargs.items() if k != 'backend'}
+    y_ref, y_torch = selective_scan_ref(*args, **kwargs), selective_scan_torch(*args, **kwargs)
+    assert not torch.equal(y_ref, y_torch), 'the backends must differ in rounding for this check to mean anything'
+    assert torch.equal(y, {'reference': y_ref, 'torch': y_torch}[backend])
