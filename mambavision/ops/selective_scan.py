@@ -20,13 +20,17 @@ the dtype of ``u``. Backends:
 * ``reference``: sequential loop over time, the test oracle.
 * ``torch``: pure PyTorch, all work vectorised; the recurrence runs as a log-depth
   (Hillis-Steele) scan over time. Default wherever no kernel applies.
+* ``triton``: the Triton kernels of ``triton_scan``, for CUDA tensors, when Triton imports.
 * ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, for CUDA tensors, when it imports.
 
 The backend is picked per call from the device; ``set_scan_backend`` or the
-environment variable ``MAMBAVISION_SCAN`` force one.
+environment variable ``MAMBAVISION_SCAN`` force one. ``selective_scan`` runs as the
+custom op ``torch.ops.mambavision.selective_scan`` (with its backward op
+``mambavision::selective_scan_backward``), which torch.compile and torch.export keep
+as one node; the pure-PyTorch backends get their backward by recomputation.
 """
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,41 +95,80 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         return _add_skip(torch.einsum('bdln,bnl->bdl', b, C.float()), u, D)
 
 
-def _mamba_ssm_scan() -> Optional[Callable]:
-    """mamba-ssm's CUDA ``selective_scan_fn``, or None when it cannot be imported."""
-    try:  # a broken install (wrong torch ABI, missing Triton) may raise anything
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+def _vjp_backward(forward: Callable) -> Callable:
+    """Backward of a differentiable scan ``forward``: recompute it under ``torch.func.vjp``.
+
+    ``torch.func`` (not ``torch.autograd.grad``) because it also differentiates inside a
+    custom op's kernel, where the autograd dispatch keys are switched off.
+    """
+    def backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        optional = {k: t for k, t in (('D', D), ('delta_bias', delta_bias)) if t is not None}
+
+        def scan(u, delta, A, B, C, opt):
+            return forward(u, delta, A, B, C, opt.get('D'), opt.get('delta_bias'), delta_softplus)
+
+        _, vjp = torch.func.vjp(scan, u, delta, A, B, C, optional)
+        du, ddelta, dA, dB, dC, dopt = vjp(dy)
+        return du, ddelta, dA, dB, dC, dopt.get('D'), dopt.get('delta_bias')
+    return backward
+
+
+def _mamba_ssm_backend() -> Optional[Tuple[Callable, Callable]]:
+    """(forward, backward) on mamba-ssm's compiled CUDA extension, or None when it cannot be imported."""
+    try:  # a broken install (wrong torch ABI, missing symbols) may raise anything
+        import selective_scan_cuda as ext
     except Exception:
         return None
-    return selective_scan_fn
+    # newer mamba-ssm releases append optional arguments (e.g. cu_seqlens): pass None for them
+    extra_fwd = [None] * max(0, (ext.fwd.__doc__ or '').split('->')[0].count('arg') - 9)
+    extra_bwd = [None] * max(0, (ext.bwd.__doc__ or '').split('->')[0].count('arg') - 14)
+
+    def forward(u, delta, A, B, C, D, delta_bias, delta_softplus):
+        out, x, *_ = ext.fwd(
+            u.contiguous(), delta.contiguous(), A.contiguous(), B.unsqueeze(1).contiguous(),
+            C.unsqueeze(1).contiguous(), D, None, delta_bias, delta_softplus, *extra_fwd)
+        return out
+
+    def backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        B, C = B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous()
+        # the chunk states of the forward are only needed beyond one 2048-token chunk
+        x = None if u.shape[-1] <= 2048 else ext.fwd(
+            u, delta, A, B, C, D, None, delta_bias, delta_softplus, *extra_fwd)[1]
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *_ = ext.bwd(
+            u, delta, A, B, C, D, None, delta_bias, dy.contiguous(), x, None, None, delta_softplus, False,
+            *extra_bwd)
+        return du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, ddelta_bias
+    return forward, backward
 
 
-def _mamba_ssm_backend(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    with torch.autocast(u.device.type, enabled=False):
-        y = _loaded['mamba_ssm'](
-            u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(), C.contiguous(),
-            None if D is None else D.float(), z=None,
-            delta_bias=None if delta_bias is None else delta_bias.float(), delta_softplus=delta_softplus)
-    return y.to(u.dtype)
+def _triton_backend() -> Optional[Tuple[Callable, Callable]]:
+    """(forward, backward) on the Triton kernels, or None when they cannot be imported."""
+    try:
+        from .triton_scan import HAS_TRITON, selective_scan_triton
+    except Exception:
+        return None
+    return (selective_scan_triton, _vjp_backward(selective_scan_triton)) if HAS_TRITON else None
 
 
-_loaded: Dict[str, Optional[Callable]] = {}
+_loaded: Dict[str, Optional[Tuple[Callable, Callable]]] = {}
 _forced: Optional[str] = None
 
 
-def _load(name: str) -> Optional[Callable]:
-    """The backend's function, or None when it cannot run here (imports it once)."""
+def _load(name: str) -> Optional[Tuple[Callable, Callable]]:
+    """The backend's (forward, backward) on float32 tensors, or None when it cannot run here (imports it once).
+
+    forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> y;
+    backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus) -> (du, ddelta, dA, dB, dC, dD, ddelta_bias).
+    """
     if name not in _loaded:
         if name == 'mamba_ssm':
-            _loaded[name] = _mamba_ssm_scan()
+            _loaded[name] = _mamba_ssm_backend()
         elif name == 'triton':
-            try:
-                from .triton_scan import selective_scan_triton
-            except Exception:
-                selective_scan_triton = None
-            _loaded[name] = selective_scan_triton
+            _loaded[name] = _triton_backend()
         else:
-            _loaded[name] = {'reference': selective_scan_ref, 'torch': selective_scan_torch}[name]
+            fn = {'reference': selective_scan_ref, 'torch': selective_scan_torch}[name]
+            _loaded[name] = fn, _vjp_backward(fn)
     return _loaded[name]
 
 
@@ -167,10 +210,88 @@ def resolve_scan_backend(device_type: str = 'cpu') -> str:
     return name
 
 
-def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend=None):
-    """Selective scan through ``backend`` (default: ``resolve_scan_backend``). Shapes: module doc."""
-    name = resolve_scan_backend(u.device.type) if backend is None else _check_backend_name(backend)
-    fn = _mamba_ssm_backend if name == 'mamba_ssm' else _load(name)
-    if fn is None:
+def _backend_fns(backend: str, device_type: str) -> Tuple[Callable, Callable]:
+    """(forward, backward) of ``backend``; ``'auto'`` resolves it for ``device_type`` now."""
+    name = resolve_scan_backend(device_type) if backend == 'auto' else backend
+    fns = _load(name)
+    if fns is None:
         raise RuntimeError(f'scan backend {name!r} is not installed')
-    return fn(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return fns
+
+
+# The scan as one PyTorch op, so that torch.compile and torch.export keep it whole (no graph
+# break, no tracing into a backend) and autograd reaches every backend's own backward. Both ops
+# take float32 tensors; ``backend`` is a name or 'auto' (resolved when the op runs, so compiled
+# and exported graphs follow ``set_scan_backend`` and the device they run on).
+
+@torch.library.custom_op('mambavision::selective_scan', mutates_args=())
+def _scan_op(
+        u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool, backend: str,
+) -> torch.Tensor:
+    forward, _ = _backend_fns(backend, u.device.type)
+    return forward(u, delta, A, B, C, D, delta_bias, delta_softplus).contiguous()
+
+
+@_scan_op.register_fake
+def _scan_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
+    return u.new_empty(u.shape)
+
+
+@torch.library.custom_op('mambavision::selective_scan_backward', mutates_args=())
+def _scan_backward_op(
+        dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+        C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+        backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of every input of ``selective_scan``; an empty tensor for an absent D / delta_bias."""
+    _, backward = _backend_fns(backend, u.device.type)
+    grads = backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return tuple(dy.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_fake(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
+    return tuple(dy.new_empty(0 if t is None else t.shape) for t in (u, delta, A, B, C, D, delta_bias))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, delta_softplus, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _scan_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    grads = torch.ops.mambavision.selective_scan_backward(dy, *saved, ctx.delta_softplus, ctx.backend)
+    return (*(None if t is None else g for g, t in zip(grads, saved)), None, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def _check_shapes(u, delta, A, B, C, D, delta_bias):
+    shapes = [tuple(t.shape) if t is not None else None for t in (u, delta, A, B, C, D, delta_bias)]
+    if u.ndim != 3 or A.ndim != 2 or shapes[1] != shapes[0] or A.shape[0] != u.shape[1] \
+            or shapes[3] != (u.shape[0], A.shape[1], u.shape[2]) or shapes[4] != shapes[3] \
+            or any(s is not None and s != (u.shape[1],) for s in shapes[5:]):
+        raise ValueError(
+            'selective_scan expects u, delta (B, D, L), A (D, N), B, C (B, N, L), D and delta_bias (D,) or None; '
+            f'got shapes {", ".join(map(str, shapes))}')
+
+
+def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend=None):
+    """Selective scan through ``backend`` (default: ``resolve_scan_backend``). Shapes: module doc.
+
+    Runs the op ``torch.ops.mambavision.selective_scan`` on float32 copies of the inputs and
+    returns u's dtype. Inside a TorchScript-based ONNX export it is the ``torch`` backend's
+    standard ops instead, whatever ``backend`` says.
+    """
+    name = 'auto' if backend is None else _check_backend_name(backend)
+    _check_shapes(u, delta, A, B, C, D, delta_bias)
+    if torch.onnx.is_in_onnx_export():  # ONNX graphs are built from standard ops only
+        return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    y = torch.ops.mambavision.selective_scan(
+        u.float(), delta.float(), A.float(), B.float(), C.float(), None if D is None else D.float(),
+        None if delta_bias is None else delta_bias.float(), bool(delta_softplus), name)
+    return y.to(u.dtype)
