@@ -1,0 +1,168 @@
+"""``mambavision train`` / ``validate``: two-process DDP on CPU, a real kill mid-epoch and an exact resume, clear errors."""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image, ImageDraw
+
+import mambavision  # noqa: F401  (registers the models)
+from mambavision.cli import main
+from mambavision.train import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {'circle': (220, 40, 40), 'square': (40, 200, 40), 'triangle': (40, 60, 220), 'bar': (230, 210, 30)}
+EPOCHS, LR, MIN_LR, STEPS = 5, 2e-3, 1e-6, 6  # 96 training images / (2 ranks x batch 8) = 6 steps per epoch
+
+
+def make_shapes(root: Path, n_train: int = 24, n_val: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder (train/, val/) of coloured shapes on grey: one class per shape and colour."""
+    rng = random.Random(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for name, colour in SHAPES.items():
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(n):
+                grey = rng.randint(60, 160)
+                img = Image.new('RGB', (size, size), (grey, grey, grey))
+                draw = ImageDraw.Draw(img)
+                r = rng.randint(size // 5, size // 3)
+                cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+                fill = tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in colour)
+                if name == 'circle':
+                    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+                elif name == 'square':
+                    draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+                elif name == 'triangle':
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+                else:
+                    draw.rectangle((cx - r, cy - r // 3, cx + r, cy + r // 3), fill=fill)
+                img.save(root / split / name / f'{i}.png')
+    return root
+
+
+def _torchrun(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'mambavision',
+        'train', '--data-dir', str(data), '--model', 'test_mambavision', '--img-size', '32', '--batch-size', '8',
+        '--epochs', str(EPOCHS), '--lr', str(LR), '--min-lr', str(MIN_LR), '--warmup-epochs', '0',
+        '--model-ema-decay', '0.999', '--workers', '0', '--output', str(out), *extra]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+class _Output:
+    """Collects a process's output in the background (progress bars end lines with '\\r')."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.text = ''
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc):
+        for chunk in iter(lambda: os.read(proc.stdout.fileno(), 4096), b''):
+            self.text += chunk.decode(errors='replace')
+
+    def join(self) -> str:
+        self._thread.join(timeout=30)
+        return self.text
+
+
+def _rows(out: Path) -> list:
+    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _kill_ranks(proc: subprocess.Popen) -> list:
+    """SIGKILL the ranks, as a crash would: they are torchrun's children, each in its own session."""
+    pids = [int(pid) for pid in Path(f'/proc/{proc.pid}/task/{proc.pid}/children').read_text().split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            _kill_ranks(proc)
+            proc.kill()
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """Train on 2 ranks, SIGKILL both ranks in the middle of epoch 2, resume from last.pth.tar to the end."""
+    root = tmp_path_factory.mktemp('train')
+    data, out = make_shapes(root / 'data'), root / 'out'
+    proc = _torchrun(data, out)
+    output = _Output(proc)
+    mid_epoch_2 = re.compile(rf'train 2:\s+\d+%\|[^|]*\|\s*[1-5]/{STEPS}')  # rank 0's progress bar
+    deadline = time.time() + 120
+    while not mid_epoch_2.search(output.text) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed_pids = _kill_ranks(proc) if proc.poll() is None else []
+    assert _finish(proc, 60) != 0 and len(killed_pids) == 2, f'not killed in epoch 2:\n{output.join()[-3000:]}'
+    killed_output, killed_rows, killed_ckpt = output.join(), _rows(out), root / 'epoch1.pth.tar'
+    shutil.copy(out / 'last.pth.tar', killed_ckpt)
+
+    proc = _torchrun(data, out, '--resume', str(out / 'last.pth.tar'))
+    output = _Output(proc)
+    assert _finish(proc, 180) == 0, output.join()[-3000:]
+    return dict(out=out, data=data, killed_rows=killed_rows, killed_ckpt=killed_ckpt,
+                killed_output=killed_output, resumed_output=output.join())
+
+
+def test_both_ranks_train_and_loss_falls(run):
+    rows = _rows(run['out'])
+    assert [r['epoch'] for r in rows] == list(range(EPOCHS))
+    for r in rows:
+        assert r['world_size'] == 2
+        assert r['samples_per_rank'] == [STEPS * 8, STEPS * 8]  # each rank its own half of the 96 images
+        assert r['images_per_s'] > 0 and r['top5'] >= r['top1']
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+    assert rows[-1]['val_loss'] < rows[0]['val_loss']
+    assert (run['out'] / 'last.pth.tar').is_file() and (run['out'] / 'best.pth.tar').is_file()
+    assert not list(run['out'].glob('*.tmp'))
+    best = load_checkpoint(str(run['out'] / 'best.pth.tar'), 'test_mambavision')
+    assert best['metrics']['top1'] == max(r['top1'] for r in rows)
+
+
+def test_killed_mid_epoch_resumes_at_next_epoch_with_its_state(run):
+    assert [r['epoch'] for r in run['killed_rows']] == [0, 1]  # killed in epoch 2, before it ended
+    killed = load_checkpoint(str(run['killed_ckpt']), 'test_mambavision')
+    assert killed['epoch'] == 1
+    assert 'resumed from' in run['resumed_output'] and 'continuing at epoch 2' in run['resumed_output']
+    rows = _rows(run['out'])
+    for r in rows:  # the cosine schedule over all updates, uninterrupted: the scheduler resumed at its step
+        expected = MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * r['epoch'] / EPOCHS))
+        assert r['lr'] == pytest.approx(expected, rel=1e-6)
+    final = load_checkpoint(str(run['out'] / 'last.pth.tar'), 'test_mambavision')
+    assert final['epoch'] == EPOCHS - 1
+    # the optimizer state was restored: AdamW counts every update of both runs
+    assert {int(s['step']) for s in final['optimizer']['state'].values()} == {EPOCHS * STEPS}
+    # the EMA was restored: with decay 0.999 it barely moves from the saved EMA, far less than to the raw weights
+    names = [n for n, t in killed['state_dict_ema'].items() if t.is_floating_point()]
+    moved = sum((final['state_dict_ema'][n] - killed['state_dict_ema'][n]).norm() ** 2 for n in names) ** 0.5
+    gap = sum((killed['state_dict'][n] - killed['state_dict_ema'][n]).norm() ** 2 for n in names) ** 0.5
+    assert moved < 0.1 * gap
+
+
+def test_validate_on_the_trained_checkpoint(run, tmp_path):
+    results = tmp_path / 'results.json'
+    rc = main(['validate', '--data-dir', str(run['data']), '--model', 'test_mambavision', '--checkpoint',
+               str(run['out'] / 'best.pth.tar'), '--img-size', '32', '--workers', '0', '--results-file', str(results)])
+    assert rc == 0
+    res = json.loads(results.read_text())
+    assert res['samples'] == 4 * 8 and res['top1'] > 50  # chance: 25
+    # the same weights and eval preprocessing as the validation of the best epoch during training
+    assert res['top1'] == pytest.approx(max(r['top1'] for r in _rows(run['out'])))
