@@ -1,6 +1,6 @@
 """Shared test helpers: the golden fixtures of the published code and the published checkpoint names."""
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,11 @@ class TinyFixture:
         """``test_mambavision`` with this fixture's architecture (random weights, eval mode)."""
         return timm.create_model('test_mambavision', **dict(self.arch, **kwargs)).eval()
 
+    @cached_property
+    def our_state_dict(self) -> dict:
+        """The fixture's weights in our names."""
+        return self.loaded_model().state_dict()
+
     def loaded_model(self, **kwargs):
         """The fixture's architecture holding the fixture's weights (strict load of the mapped names)."""
         model = self.create_model(**kwargs)
@@ -67,6 +72,12 @@ def tiny(request) -> TinyFixture:
 @pytest.fixture
 def tiny_a() -> TinyFixture:
     return _tiny_fixture('official_tiny_a')
+
+
+@pytest.fixture
+def tiny_b() -> TinyFixture:
+    """The fixture with layer scale (gamma) tensors."""
+    return _tiny_fixture('official_tiny_b')
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,273 @@
+"""Weight files: every published and local form loads through timm, unsafe or broken files are refused clearly."""
+import argparse
+import json
+import os
+import socket
+import time
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models._manipulate import adapt_input_conv
+
+import mambavision
+import mambavision.weights
+from mambavision import checkpoint_filter_fn, read_state_dict
+
+from conftest import FIXTURES
+
+TOL = 1e-4
+
+
+def _optimizer_state() -> dict:
+    param = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    param.sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+def _training_checkpoint(state_dict: dict, prefix: str = '') -> dict:
+    """The published ``.pth.tar`` form: weights under 'state_dict', beside a different EMA copy and training state."""
+    return {
+        'epoch': 309,
+        'arch': 'mamba_vision_T',
+        'state_dict': {prefix + k: v for k, v in state_dict.items()},
+        'state_dict_ema': {prefix + k: v + 1 if v.is_floating_point() else v for k, v in state_dict.items()},
+        'optimizer': _optimizer_state(),
+        'args': argparse.Namespace(model='mamba_vision_T', lr=1e-3, drop_path=0.2, mesa=False, input_size=None),
+        'metric': 82.3,
+        'version': 2,
+    }
+
+
+def _write(path, obj):
+    if str(path).endswith('.safetensors'):
+        save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+    else:
+        torch.save(obj, path)
+    return str(path)
+
+
+def _create(fixture, path, **kwargs):
+    kwargs = dict(fixture.arch, **kwargs)
+    return timm.create_model(
+        'test_mambavision', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+
+
+def _assert_fixture_logits(model, fixture):
+    """Logits of the published code on the odd-sized input (the other input: test_exactness)."""
+    with torch.no_grad():
+        assert (model(fixture['input.1']) - fixture['logits.1']).abs().max() <= TOL
+
+
+FORMS = {  # file name -> its content, from a fixture
+    'published.pth.tar': lambda f: _training_checkpoint(f.state_dict),
+    'published_ddp.pth.tar': lambda f: _training_checkpoint(f.state_dict, prefix='module.'),
+    'plain.pth': lambda f: dict(f.state_dict),
+    'plain.bin': lambda f: dict(f.state_dict),
+    'plain.safetensors': lambda f: dict(f.state_dict),
+    'transformers.safetensors': lambda f: {'model.' + k: v for k, v in f.state_dict.items()},
+    'transformers.bin': lambda f: {'model.' + k: v for k, v in f.state_dict.items()},
+    'ours.pth': lambda f: f.our_state_dict,
+    'ours.safetensors': lambda f: f.our_state_dict,
+}
+
+
+@pytest.mark.parametrize('filename', list(FORMS))
+def test_every_weight_form_reproduces_the_fixture(tiny_b, filename, tmp_path):
+    path = _write(tmp_path / filename, FORMS[filename](tiny_b))
+    _assert_fixture_logits(_create(tiny_b, path), tiny_b)
+
+
+def test_training_checkpoint_takes_state_dict_not_ema(tiny_a, tmp_path):
+    path = _write(tmp_path / 'published.pth.tar', _training_checkpoint(tiny_a.state_dict))
+    weights = read_state_dict(path)
+    assert set(weights) == set(tiny_a.state_dict)
+    for k, v in tiny_a.state_dict.items():
+        assert torch.equal(weights[k], v), k
+
+
+class _Opener:
+    """Unpickling this calls ``open(marker, 'w')``: it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+class _Custom:
+    pass
+
+
+@pytest.mark.parametrize('payload', ['code', 'custom_class'])
+def test_unsafe_pickle_is_refused_without_running(tiny_a, payload, tmp_path):
+    marker = tmp_path / 'payload_ran'
+    obj = _Opener(marker) if payload == 'code' else _Custom()
+    path = _write(tmp_path / 'evil.pth.tar', {'state_dict': tiny_a.state_dict, 'extra': obj})
+    for load in (lambda: read_state_dict(path), lambda: _create(tiny_a, path)):
+        with pytest.raises(RuntimeError) as info:
+            load()
+        message = str(info.value)
+        assert 'evil.pth.tar' in message and 'not allowed' in message and '\n' not in message
+        assert not marker.exists(), 'the pickle payload ran'
+
+
+@pytest.mark.parametrize('filename', ['published.pth.tar', 'plain.safetensors'])
+def test_truncated_file_is_refused(tiny_a, filename, tmp_path):
+    good = _write(tmp_path / f'good_{filename}', FORMS[filename](tiny_a))
+    path = tmp_path / filename
+    path.write_bytes(open(good, 'rb').read()[:4096])
+    with pytest.raises(RuntimeError, match=filename) as info:
+        _create(tiny_a, path)
+    assert '\n' not in str(info.value)
+
+
+def test_garbage_file_is_refused(tiny_a, tmp_path):
+    path = tmp_path / 'garbage.pth'
+    path.write_bytes(os.urandom(1000))
+    with pytest.raises(RuntimeError, match='garbage.pth'):
+        _create(tiny_a, path)
+
+
+def test_non_dict_pickle_is_refused(tiny_a, tmp_path):
+    path = _write(tmp_path / 'list.pth', [torch.zeros(1)])
+    with pytest.raises(RuntimeError, match='list.pth'):
+        _create(tiny_a, path)
+
+
+def _published_with(fixture, edit) -> dict:
+    sd = dict(fixture.state_dict)
+    edit(sd)
+    return sd
+
+
+@pytest.mark.parametrize('edit, problem, name', [
+    (lambda sd: sd.pop('levels.2.blocks.0.mixer.A_log'), 'missing', 'stages.2.blocks.0.mixer.A_log'),
+    (lambda sd: sd.pop('patch_embed.conv_down.1.running_var'), 'missing', 'stem.norm1.running_var'),
+    (lambda sd: sd.update({'levels.3.blocks.0.mixer.extra': torch.zeros(2)}),
+     'unexpected', 'stages.3.blocks.0.mixer.extra'),
+    (lambda sd: sd.update({'levels.2.blocks.1.mixer.D': torch.zeros(3)}), 'wrong shape', 'stages.2.blocks.1.mixer.D'),
+])
+def test_checkpoint_that_does_not_fit_names_the_tensor(tiny_a, edit, problem, name, tmp_path):
+    path = _write(tmp_path / 'bad.pth.tar', {'state_dict': _published_with(tiny_a, edit)})
+    with pytest.raises(RuntimeError) as info:
+        _create(tiny_a, path)
+    message = str(info.value)
+    assert 'bad.pth.tar' in message and f'{problem}: {name}' in message and '\n' not in message
+
+
+@pytest.mark.parametrize('num_classes', [3, 0])
+def test_other_class_count_keeps_fresh_classifier(tiny_b, num_classes, tmp_path):
+    tiny = tiny_b
+    path = _write(tmp_path / 'published.pth.tar', _training_checkpoint(tiny.state_dict))
+    model = _create(tiny, path, num_classes=num_classes)
+    assert model.num_classes == num_classes
+    loaded = tiny.our_state_dict
+    for name, value in model.state_dict().items():
+        if name.startswith('head.fc.'):
+            assert value.shape[0] == num_classes
+            assert not value.any() if name.endswith('bias') else value.std() < 0.03  # trunc_normal(.02) init
+        else:
+            assert torch.equal(value, loaded[name]), name
+    assert set(model.state_dict()) == set(tiny.create_model(num_classes=num_classes).state_dict())
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(tiny['input.1']), pre_logits=True)
+    assert (pooled - tiny['pooled.1']).abs().max() <= TOL
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_other_input_channels_adapt_first_conv(tiny_a, in_chans, tmp_path):
+    path = _write(tmp_path / 'published.pth.tar', _training_checkpoint(tiny_a.state_dict))
+    model = _create(tiny_a, path, in_chans=in_chans)
+    conv = tiny_a.state_dict['patch_embed.conv_down.0.weight']
+    assert torch.equal(model.stem.conv1.weight, adapt_input_conv(in_chans, conv))
+    assert torch.equal(model.stem.conv2.weight, tiny_a.state_dict['patch_embed.conv_down.3.weight'])
+    assert model(torch.randn(1, in_chans, 40, 40)).shape == (1, tiny_a.arch['num_classes'])
+
+
+# --- the Hugging Face hub path, on the real mambavision_t registration (never touching the network) ---
+
+HUB_REPO, HUB_FILE = 'nvidia/MambaVision-T-1K', 'mambavision_tiny_1k.pth.tar'
+
+
+@pytest.fixture(scope='module')
+def full_size_t(tmp_path_factory):
+    """A random mambavision_t checkpoint in the published form: (path, weights in our names)."""
+    keys = json.loads((FIXTURES / 'official_state_dict_keys.json').read_text())['mamba_vision_T']
+    g = torch.Generator().manual_seed(0)
+    published = {
+        name: torch.tensor(7) if name.endswith('num_batches_tracked') else torch.rand(shape, generator=g) - 0.5
+        for name, shape in keys}
+    path = tmp_path_factory.mktemp('hub') / HUB_FILE
+    torch.save(_training_checkpoint(published, prefix='module.'), path)
+    return str(path), checkpoint_filter_fn(published)
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and any network connection fails the test."""
+    def connect(*args, **kwargs):
+        raise AssertionError('the network was touched')
+
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+    monkeypatch.setattr(socket, 'create_connection', connect)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', connect)
+
+
+def _assert_weights(model, weights):
+    own = model.state_dict()
+    assert set(own) == set(weights)
+    for k, v in weights.items():
+        assert torch.equal(own[k], v), k
+
+
+def test_hub_download_goes_through_hf_hub_download(full_size_t, no_network, monkeypatch):
+    path, weights = full_size_t
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename))
+        return path
+
+    monkeypatch.setattr(mambavision.weights, '_hub_reachable', lambda *a, **k: True)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', download)
+    model = timm.create_model('mambavision_t.nv_in1k', pretrained=True)
+    assert calls == [(HUB_REPO, HUB_FILE)]
+    _assert_weights(model, weights)
+
+
+def test_hub_cache_hit_loads_offline(full_size_t, no_network, monkeypatch):
+    path, weights = full_size_t
+    repo = huggingface_hub.constants.HF_HUB_CACHE + '/models--nvidia--MambaVision-T-1K'
+    commit = 'a' * 40
+    os.makedirs(f'{repo}/refs')
+    os.makedirs(f'{repo}/snapshots/{commit}')
+    with open(f'{repo}/refs/main', 'w') as f:
+        f.write(commit)
+    os.symlink(path, f'{repo}/snapshots/{commit}/{HUB_FILE}')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    _assert_weights(timm.create_model('mambavision_t.nv_in1k', pretrained=True), weights)
+
+
+@pytest.mark.parametrize('why', ['HF_HUB_OFFLINE', 'unreachable'])
+def test_offline_fails_fast_with_one_line(why, no_network, monkeypatch):
+    if why == 'HF_HUB_OFFLINE':
+        monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    else:
+        def refuse(*args, **kwargs):
+            raise OSError('Network is unreachable')
+
+        monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+        monkeypatch.setattr(socket, 'create_connection', refuse)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError) as info:
+        timm.create_model('mambavision_t.nv_in1k', pretrained=True)
+    assert time.perf_counter() - start < 2
+    message = str(info.value)
+    assert HUB_REPO in message and 'pretrained_cfg_overlay' in message and '\n' not in message
