@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'selective_scan', 'selective_scan_ref', 'selective_scan_torch', 'available_scan_backends',
-    'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS',
+    'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS', 'selective_scan_graph',
 ]
 
 ENV_VAR = 'MAMBAVISION_SCAN'
@@ -280,17 +280,36 @@ def _check_shapes(u, delta, A, B, C, D, delta_bias):
             f'got shapes {", ".join(map(str, shapes))}')
 
 
+def selective_scan_graph(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    """The scan as ceil(log2 L) whole-tensor steps of standard ops, for static graphs (ONNX). Shapes: module doc.
+
+    Composes the affine maps h -> a*h + b over doubling distances (Hillis-Steele): after
+    the step at distance k, (a_t, b_t) maps h_{t-2k} to h_t. Only products of decays in
+    (0, 1] are formed, so it is as stable as the sequential loop. L is the window's token
+    count, fixed per stage, so the number of steps is too.
+    """
+    a, b = _discretize(u, delta, A, B, delta_bias, delta_softplus)  # (B, D, L, N)
+    length = u.shape[-1]
+    k = 1
+    while k < length:
+        b = torch.cat([b[:, :, :k], b[:, :, k:] + a[:, :, k:] * b[:, :, :-k]], dim=2)
+        if 2 * k < length:  # the last step needs no decays
+            a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
+        k *= 2
+    return _add_skip((b * C.float().transpose(1, 2).unsqueeze(1)).sum(-1), u, D)
+
+
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend=None):
     """Selective scan through ``backend`` (default: ``resolve_scan_backend``). Shapes: module doc.
 
     Runs the op ``torch.ops.mambavision.selective_scan`` on float32 copies of the inputs and
-    returns u's dtype. Inside a TorchScript-based ONNX export it is the ``torch`` backend's
-    standard ops instead, whatever ``backend`` says.
+    returns u's dtype. Inside a TorchScript-based ONNX export it is ``selective_scan_graph``
+    (standard ops) instead, whatever ``backend`` says.
     """
+    if torch.onnx.is_in_onnx_export():  # ONNX graphs are built from standard ops only
+        return selective_scan_graph(u, delta, A, B, C, D, delta_bias, delta_softplus)
     name = 'auto' if backend is None else _check_backend_name(backend)
     _check_shapes(u, delta, A, B, C, D, delta_bias)
-    if torch.onnx.is_in_onnx_export():  # ONNX graphs are built from standard ops only
-        return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
     y = torch.ops.mambavision.selective_scan(
         u.float(), delta.float(), A.float(), B.float(), C.float(), None if D is None else D.float(),
         None if delta_bias is None else delta_bias.float(), bool(delta_softplus), name)
