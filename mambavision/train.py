@@ -279,20 +279,25 @@ def _loader(ds, data_config, batch_size, is_training, args, device, train_cfg=No
 def save_checkpoint(state: Dict[str, Any], path: str):
     """``torch.save`` to a temporary file, flushed to disk, then renamed over ``path`` (never a partial file)."""
     tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path: str, model_name: Optional[str] = None) -> Dict[str, Any]:
-    """A checkpoint read with ``weights_only=True``; if it is ours, its model must be ``model_name``'s architecture."""
+    """A checkpoint read with ``weights_only=True``; if it is one of ours, it must be of ``model_name``'s architecture."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    arch = checkpoint.get('arch') if isinstance(checkpoint, dict) else None
+    config = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    arch = config.get('model') if isinstance(config, dict) else None  # published ones name their own classes
     if model_name and arch and split_model_name_tag(arch)[0] != split_model_name_tag(model_name)[0]:
         raise ValueError(f'checkpoint {path} was written for model {arch}, not {model_name}')
     return checkpoint

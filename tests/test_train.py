@@ -1,4 +1,5 @@
 """``mambavision train`` / ``validate``: two-process DDP on CPU, a real kill mid-epoch and an exact resume, clear errors."""
+import argparse
 import json
 import math
 import os
@@ -165,4 +166,81 @@ def test_validate_on_the_trained_checkpoint(run, tmp_path):
     res = json.loads(results.read_text())
     assert res['samples'] == 4 * 8 and res['top1'] > 50  # chance: 25
     # the same weights and eval preprocessing as the validation of the best epoch during training
-    assert res['top1'] == pytest.approx(max(r['top1'] for r in _rows(run['out'])))
+    best = max(_rows(run['out']), key=lambda r: r['top1'])
+    assert res['top1'] == pytest.approx(best['top1']) and res['loss'] == pytest.approx(best['val_loss'], rel=1e-4)
+    rc = main(['validate', '--data-dir', str(run['data']), '--model', 'test_mambavision', '--checkpoint',
+               str(run['out'] / 'best.pth.tar'), '--ema', '--img-size', '32', '--workers', '0', '--results-file', str(results)])
+    res = json.loads(results.read_text())
+    assert rc == 0 and res['ema'] and res['top1'] == pytest.approx(best['ema_top1'])
+
+
+def test_single_process_fine_tune_from_published_weights(tmp_path, capsys):
+    """`--pretrained --num-classes K` without torchrun: the backbone starts from the file, the head is new."""
+    data = make_shapes(tmp_path / 'data', n_train=8, n_val=2)
+    published = timm.create_model('test_mambavision').state_dict()  # 1000 classes
+    weights = tmp_path / 'published.pth.tar'
+    torch.save({'state_dict': published, 'epoch': 309}, weights)
+    out = tmp_path / 'out'
+    rc = main(['train', '--data-dir', str(data), '--model', 'test_mambavision', '--pretrained', '--pretrained-file',
+               str(weights), '--num-classes', '4', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
+               '--lr', '1e-5', '--workers', '0', '--amp', 'bf16', '--grad-checkpointing', '--output', str(out)])
+    assert rc == 0
+    ckpt = load_checkpoint(str(out / 'last.pth.tar'), 'test_mambavision')
+    assert ckpt['state_dict']['head.fc.weight'].shape == (4, published['head.fc.weight'].shape[1])
+    assert ckpt['config']['num_classes'] == 4 and ckpt['config']['classes'] == sorted(SHAPES)
+    stem = ckpt['state_dict']['stem.conv1.weight']
+    assert (stem - published['stem.conv1.weight']).abs().max() < 1e-3 < published['stem.conv1.weight'].abs().max()
+    assert _rows(out)[0]['world_size'] == 1 and _rows(out)[0]['samples_per_rank'] == [32]
+    # validate reads the published form too, and refuses a class count that does not fit the folders
+    assert main(['validate', '--data-dir', str(data), '--model', 'test_mambavision', '--checkpoint', str(weights),
+                 '--img-size', '32', '--workers', '0']) == 1
+    assert 'has 4 class folders in validation, the model 1000 classes' in capsys.readouterr().err
+
+
+def _train_error(capsys, *argv) -> str:
+    assert main(['train', '--model', 'test_mambavision', '--workers', '0', *argv]) == 1
+    return capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, capsys):
+    data = make_shapes(tmp_path / 'data', n_train=2, n_val=1)
+    out = ['--output', str(tmp_path / 'out')]
+    assert 'data folder not found' in _train_error(capsys, '--data-dir', str(tmp_path / 'nothing'), *out)
+    shutil.rmtree(data / 'val' / 'bar')
+    err = _train_error(capsys, '--data-dir', str(data), *out)
+    assert 'same class folders as train' in err and 'missing from it: bar' in err
+    shutil.rmtree(data / 'val')
+    assert f'no validation folder in {data}' in _train_error(capsys, '--data-dir', str(data), *out)
+    (tmp_path / 'empty' / 'train' / 'a').mkdir(parents=True)
+    assert 'Found 0 images' in _train_error(capsys, '--data-dir', str(tmp_path / 'empty'), *out)
+    # a checkpoint of another model, and a weight file that is no training checkpoint
+    other = tmp_path / 'other.pth.tar'
+    save_checkpoint(dict(epoch=0, state_dict={}, optimizer={}, scheduler={}, config=dict(model='mambavision_t')), str(other))
+    err = _train_error(capsys, '--data-dir', str(data), '--resume', str(other), *out)
+    assert f'checkpoint {other} was written for model mambavision_t, not test_mambavision' in err
+    torch.save({'state_dict': {}, 'arch': 'mamba_vision_T', 'epoch': 309}, other)  # published form
+    assert 'is not a training checkpoint' in _train_error(capsys, '--data-dir', str(data), '--resume', str(other), *out)
+
+
+def test_unreadable_images_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    from mambavision.train import _dataset
+    data = make_shapes(tmp_path / 'data', n_train=2, n_val=1)
+    garbage, truncated = data / 'train' / 'bar' / '0.png', data / 'train' / 'circle' / '1.png'
+    garbage.write_bytes(b'not an image')
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    ds = _dataset(argparse.Namespace(data_dir=str(data), dataset=''), 'train', is_training=True)
+    items = [ds[i] for i in range(len(ds))]
+    assert all(isinstance(img, Image.Image) for img, _ in items)
+    files = [f for f, _ in ds.reader.samples]
+    bad = {files.index(str(garbage)), files.index(str(truncated))}
+    assert [t for _, t in items] == [ds.reader.samples[i + (i in bad)][1] for i in range(len(ds))]  # the next image
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 2 and str(garbage) in warnings[0] + warnings[1] and str(truncated) in warnings[0] + warnings[1]
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = str(tmp_path / 'last.pth.tar')
+    save_checkpoint(dict(arch='test_mambavision', epoch=3, w=torch.ones(2)), path)
+    with pytest.raises(Exception):
+        save_checkpoint(dict(arch='test_mambavision', epoch=4, w=lambda: 0), path)  # fails while writing
+    assert load_checkpoint(path)['epoch'] == 3 and os.listdir(tmp_path) == ['last.pth.tar']
