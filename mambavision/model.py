@@ -301,7 +301,7 @@ class MambaVision(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.stem = Stem(in_chans, in_dim, dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # cpu: also under torch.device('meta')
         dims = [dim * 2 ** i for i in range(4)]
         self.stages = nn.Sequential()
         self.feature_info = []

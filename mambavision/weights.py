@@ -63,6 +63,17 @@ def _describe(path: str) -> str:
     return os.path.basename(path) or path
 
 
+def _read_error(e: Exception) -> str:
+    """One line on why a weight file could not be read: a forbidden object, or a broken file."""
+    text = str(e)
+    match = re.search(r'GLOBAL ([\w.]+)', text)
+    if match:
+        return f'it holds {match[1]} which is not allowed in a weight file'
+    unpickler = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', text)
+    detail = unpickler[1] if unpickler else text.strip().split('\n')[0].split('. ')[0] or type(e).__name__
+    return f'it is truncated, corrupt or not a weight file ({detail})'
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The weights in ``path`` (the ``state_dict`` entry of a training checkpoint), without running code."""
     path = os.fspath(path)
@@ -75,11 +86,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
-            match = re.search(r'GLOBAL ([\w.]+)', str(e))
-            reason = f'it holds {match[1] if match else "an object"} which is not allowed in a weight file'
-        raise RuntimeError(f'cannot read weight file {path}: {reason}') from None
+        raise RuntimeError(f'cannot read weight file {path}: {_read_error(e)}') from None
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f'weight file {path} holds a {type(checkpoint).__name__}, expected a dict of tensors')
     for key in ('state_dict', 'model'):  # 'state_dict', not 'state_dict_ema': the published accuracies use it

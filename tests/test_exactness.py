@@ -83,3 +83,35 @@ def test_published_names_map_one_to_one(published, published_keys):
     ours = sum(p.numel() for p in model.parameters())
     assert ours == published_params
     assert round(ours / 1e6, 1) == SPEC_PARAMS_M[PUBLISHED_TO_REGISTERED[published]]
+
+
+def test_fixture_stages_through_features_only(tiny, tmp_path):
+    """Detection/segmentation use: ``features_only=True`` with published weights gives the published stage outputs."""
+    path = tmp_path / 'published.pth.tar'
+    torch.save({'state_dict': tiny.state_dict}, path)
+    model = timm.create_model(
+        'test_mambavision', features_only=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        **tiny.arch).eval()
+    for j in range(tiny.num_inputs):
+        with torch.no_grad():
+            maps = model(tiny[f'input.{j}'])
+        assert len(maps) == 4
+        for i, y in enumerate(maps):
+            assert _max_err(y, tiny[f'stage{i}.{j}']) <= TOL, f'stage {i}, input {j}'
+
+
+def test_fixture_through_timm_state_dict_overlay(tiny):
+    """timm's generic loader (``pretrained_cfg_overlay=dict(state_dict=...)``) maps published names too."""
+    overlay = dict(state_dict={'state_dict': tiny.state_dict}, num_classes=tiny.arch['num_classes'])
+    model = timm.create_model('test_mambavision', pretrained=True, pretrained_cfg_overlay=overlay, **tiny.arch).eval()
+    with torch.no_grad():
+        assert _max_err(model(tiny['input.1']), tiny['logits.1']) <= TOL
+
+
+def test_fixture_under_bf16_autocast(tiny):
+    """Mixed precision stays finite and near the float32 function (the scan itself runs in float32)."""
+    model = tiny.loaded_model()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = model(tiny['input.1'])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert _max_err(logits.float(), tiny['logits.1']) <= 0.03 * tiny['logits.1'].abs().max()
