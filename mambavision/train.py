@@ -260,6 +260,22 @@ def _check_classes(train_ds, val_ds, val_split: str):
     raise ValueError(f'the {val_split} split must have the same class folders as train; ' + '; '.join(parts))
 
 
+def _posterize_zero_bits():
+    """Let timm's posterize ops keep 0 bits (a black image) again, which Pillow >= 13 refuses.
+
+    timm's RandAugment asks for 0 bits at the top magnitude ('inc1' ops at level 10, so
+    'rand-m9-mstd0.5-inc1' now and then); Pillow < 13 returned a black image there.
+    """
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **kwargs):
+        return Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+    for name, op in auto_augment.NAME_TO_OP.items():
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
 def _loader(ds, data_config, batch_size, is_training, args, device, train_cfg=None, collate_fn=None):
     kwargs = dict(
         input_size=data_config['input_size'], batch_size=batch_size, is_training=is_training,
@@ -267,6 +283,8 @@ def _loader(ds, data_config, batch_size, is_training, args, device, train_cfg=No
         crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=args.workers,
         distributed=dist.is_initialized(), device=device, collate_fn=collate_fn, pin_memory=device.type == 'cuda')
     if is_training:
+        if train_cfg['aa']:
+            _posterize_zero_bits()
         kwargs.update(
             auto_augment=train_cfg['aa'], re_prob=train_cfg['reprob'], color_jitter=train_cfg['color_jitter'],
             interpolation=train_cfg['train_interpolation'])

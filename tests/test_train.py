@@ -183,7 +183,8 @@ def test_single_process_fine_tune_from_published_weights(tmp_path, capsys):
     out = tmp_path / 'out'
     rc = main(['train', '--data-dir', str(data), '--model', 'test_mambavision', '--pretrained', '--pretrained-file',
                str(weights), '--num-classes', '4', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
-               '--lr', '1e-5', '--workers', '0', '--amp', 'bf16', '--grad-checkpointing', '--output', str(out)])
+               '--lr', '1e-5', '--workers', '0', '--amp', 'bf16', '--grad-checkpointing', '--output', str(out),
+               '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0', '--reprob', '0.25', '--clip-grad', '5'])
     assert rc == 0
     ckpt = load_checkpoint(str(out / 'last.pth.tar'), 'test_mambavision')
     assert ckpt['state_dict']['head.fc.weight'].shape == (4, published['head.fc.weight'].shape[1])
@@ -244,3 +245,13 @@ def test_checkpoints_are_written_atomically(tmp_path):
     with pytest.raises(Exception):
         save_checkpoint(dict(arch='test_mambavision', epoch=4, w=lambda: 0), path)  # fails while writing
     assert load_checkpoint(path)['epoch'] == 3 and os.listdir(tmp_path) == ['last.pth.tar']
+
+
+def test_randaugment_top_magnitude_works_on_any_pillow():
+    """timm's RandAugment keeps 0 bits in posterize at magnitude 10 (a black image); Pillow >= 13 refuses 0 bits."""
+    from timm.data import auto_augment
+    from mambavision.train import _posterize_zero_bits
+    _posterize_zero_bits()
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    assert max(auto_augment.AugmentOp('PosterizeIncreasing', prob=1., magnitude=10)(img).getextrema()) == (0, 0)
+    assert auto_augment.AugmentOp('PosterizeIncreasing', prob=1., magnitude=5)(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits kept
