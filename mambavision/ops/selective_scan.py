@@ -18,8 +18,8 @@ Every backend computes in float32 (autocast is switched off around it) and retur
 the dtype of ``u``. Backends:
 
 * ``reference``: sequential loop over time, the test oracle.
-* ``torch``: pure PyTorch, all work vectorised; the recurrence runs as a log-depth
-  (Hillis-Steele) scan over time. Default wherever no kernel applies.
+* ``torch``: pure PyTorch, whole-tensor discretisation and readout around one in-place
+  sweep over time (a reverse sweep in the backward). Default wherever no kernel applies.
 * ``triton``: the Triton kernels of ``triton_scan``, for CUDA tensors, when Triton imports.
 * ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, for CUDA tensors, when it imports.
 
@@ -76,23 +76,58 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
         return _add_skip(torch.stack(ys, dim=-1), u, D)
 
 
-def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    """Vectorised float32 scan: ceil(log2 L) whole-tensor steps (shapes: module doc).
+def _scan_(a, h):
+    """In place over dim 1: h_t <- a_t * h_{t-1} + h_t, so inputs b become states h. (B, L, ...) -> h."""
+    for t in range(1, h.shape[1]):
+        h[:, t].addcmul_(a[:, t], h[:, t - 1])
+    return h
 
-    Composes the affine maps h -> a*h + b over doubling distances: after the step at
-    distance k, (a_t, b_t) is the map from h_{t-2k} to h_t. Only products of decays
-    in (0, 1] are formed, so it is as stable as the sequential loop.
+
+class _LinearScan(torch.autograd.Function):
+    """Differentiable ``_scan_``: (a, b) -> h, each (B, L, ...), h_t = a_t * h_{t-1} + b_t, h_0 = b_0.
+
+    The backward is the reverse scan g_{t-1} += a_t * g_t, then da_t = g_t * h_{t-1}, db_t = g_t.
+    """
+
+    @staticmethod
+    def forward(a, b):
+        return _scan_(a, b.clone())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        g = grad_h.clone()
+        for t in range(g.shape[1] - 1, 0, -1):
+            g[:, t - 1].addcmul_(a[:, t], g[:, t])
+        grad_a = torch.zeros_like(a)
+        torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+        return grad_a, g
+
+
+def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+    """float32 scan in whole-tensor ops around one in-place sweep over time (shapes: module doc).
+
+    Works in (B, L, D, N) layout, in which the model's delta, B and C are contiguous.
+    The sweep costs L small ops, each over B*D*N elements, and touches the states once
+    (the log-depth scan touches them log2(L) times, which is slower on CPU for every
+    MambaVision shape). Without autograd it overwrites its own buffer of inputs.
     """
     with torch.autocast(u.device.type, enabled=False):
-        a, b = _discretize(u, delta, A, B, delta_bias, delta_softplus)
-        length = u.shape[-1]
-        k = 1
-        while k < length:
-            b = torch.cat([b[:, :, :k], torch.addcmul(b[:, :, k:], a[:, :, k:], b[:, :, :-k])], dim=2)
-            if 2 * k < length:  # the last step needs no decays
-                a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
-            k *= 2
-        return _add_skip(torch.einsum('bdln,bnl->bdl', b, C.float()), u, D)
+        delta = delta.float().transpose(1, 2)  # (B, L, D)
+        if delta_bias is not None:
+            delta = delta + delta_bias.float()
+        if delta_softplus:
+            delta = F.softplus(delta)
+        a = torch.mul(delta.unsqueeze(-1), A.float()).exp_()  # (B, L, D, N)
+        b = (delta * u.float().transpose(1, 2)).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(2)
+        needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+        h = _LinearScan.apply(a, b) if needs_grad else _scan_(a, b)
+        y = (h * C.float().transpose(1, 2).unsqueeze(2)).sum(-1)  # (B, L, D)
+        return _add_skip(y.transpose(1, 2), u, D)
 
 
 def _vjp_backward(forward: Callable) -> Callable:
