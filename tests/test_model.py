@@ -95,7 +95,7 @@ def test_registered_arch_matches_spec(arch):
     if layer_scale is None:
         assert not any(isinstance(b.ls1, LayerScale) for b in hybrid)
     else:
-        assert all(isinstance(b.ls1, LayerScale) and isinstance(b.ls2, LayerScale) for b in hybrid)
+        assert all(b.ls1.init_values == b.ls2.init_values == layer_scale for b in hybrid)
 
 
 def test_data_config_is_the_published_preprocessing():
