@@ -1,0 +1,4 @@
+"""``python -m mambavision``: the ``mambavision`` command line."""
+from .cli import main
+
+raise SystemExit(main())
