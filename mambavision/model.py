@@ -434,7 +434,7 @@ class MambaVision(nn.Module):
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> MambaVision:
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
-        kwargs['pretrained_cfg'] = resolve_weights_source(cfg)
+        kwargs['pretrained_cfg'] = resolve_weights_source(cfg, kwargs.get('cache_dir'))
     return build_model_with_cfg(
         MambaVision, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -139,12 +139,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def resolve_weights_source(cfg):
+def resolve_weights_source(cfg, cache_dir: Optional[str] = None):
     """``cfg`` (a timm ``PretrainedCfg``) pointed at a local file whenever one can serve.
 
     A local ``file`` is loaded through ``MambaVision.load_pretrained`` (timm would
     otherwise unpickle it with its generic loader, which prefers the EMA weights).
-    Hub weights already in the local cache are used without touching the network;
+    Hub weights already in the local cache (``cache_dir``, as timm's) are used without touching the network;
     otherwise, when the hub cannot be reached, this fails at once with one line
     instead of retrying for many seconds.
     """
@@ -153,7 +153,9 @@ def resolve_weights_source(cfg):
     if cfg.state_dict is not None or not (cfg.hf_hub_id and cfg.hf_hub_filename):
         return cfg
     from huggingface_hub import try_to_load_from_cache
-    cached = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename)
+    from timm.models._hub import hf_split
+    repo_id, revision = hf_split(cfg.hf_hub_id)
+    cached = try_to_load_from_cache(repo_id, cfg.hf_hub_filename, cache_dir=cache_dir, revision=revision)
     if isinstance(cached, str):
         return dataclasses.replace(cfg, file=cached, custom_load=True)
     if not _hub_reachable():

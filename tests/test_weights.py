@@ -248,17 +248,23 @@ def test_hub_download_goes_through_hf_hub_download(full_size_t, no_network, monk
     _assert_weights(model, weights)
 
 
-def test_hub_cache_hit_loads_offline(full_size_t, no_network, monkeypatch):
-    path, weights = full_size_t
-    repo = huggingface_hub.constants.HF_HUB_CACHE + '/models--nvidia--MambaVision-T-1K'
-    commit = 'a' * 40
+def _fake_hub_cache(cache_dir, path):
+    """``path`` as the cached hub file of the mambavision_t.nv_in1k weights, in huggingface_hub's cache layout."""
+    repo, commit = os.path.join(cache_dir, 'models--nvidia--MambaVision-T-1K'), 'a' * 40
     os.makedirs(f'{repo}/refs')
     os.makedirs(f'{repo}/snapshots/{commit}')
     with open(f'{repo}/refs/main', 'w') as f:
         f.write(commit)
     os.symlink(path, f'{repo}/snapshots/{commit}/{HUB_FILE}')
+
+
+@pytest.mark.parametrize('where', ['default', 'cache_dir'])
+def test_hub_cache_hit_loads_offline(full_size_t, no_network, monkeypatch, where, tmp_path):
+    path, weights = full_size_t
+    kwargs = dict(cache_dir=str(tmp_path / 'own_cache')) if where == 'cache_dir' else {}
+    _fake_hub_cache(kwargs.get('cache_dir', huggingface_hub.constants.HF_HUB_CACHE), path)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    _assert_weights(timm.create_model('mambavision_t.nv_in1k', pretrained=True), weights)
+    _assert_weights(timm.create_model('mambavision_t.nv_in1k', pretrained=True, **kwargs), weights)
 
 
 @pytest.mark.parametrize('why', ['HF_HUB_OFFLINE', 'unreachable'])
