@@ -12,7 +12,9 @@ keys are also command-line options of the same name (``--warmup-epochs`` sets
 to ``OUT/metrics.jsonl`` and writes ``OUT/last.pth.tar`` (and ``OUT/best.pth.tar`` on a new
 best validation top-1) atomically. A checkpoint holds the raw weights (``state_dict``),
 the EMA weights (``state_dict_ema``), optimizer, scheduler and loss-scaler state, the
-epoch and the resolved config, all loadable with ``torch.load(weights_only=True)``.
+epoch and the resolved config, all loadable with ``torch.load(weights_only=True)``. ``--resume``
+restores them and continues with the next epoch; the lr schedule is rebuilt from the command
+line and compared with the saved scheduler state (a warning says when they differ).
 
 Unreadable images are skipped with a warning that names the file.
 """
@@ -106,7 +108,7 @@ def _add_common(parser: argparse.ArgumentParser):
     parser.add_argument('--num-classes', type=int, help='classifier size (default: from the data or checkpoint)')
     parser.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision (fp16 uses loss scaling)')
     parser.add_argument('--device', help="'cpu', 'cuda' (default: cuda when available; torchrun: one GPU per rank)")
-    parser.add_argument('--workers', type=int, default=4, help='data-loading processes per rank')
+    parser.add_argument('--workers', type=int, default=4, help='data-loading processes per rank (default: 4)')
 
 
 def add_arguments_train(parser: argparse.ArgumentParser):
@@ -207,7 +209,7 @@ def _all_sum(values, device: torch.device) -> torch.Tensor:
 def _setup_logging(rank: int):
     if not logging.getLogger().handlers:
         logging.basicConfig(format='%(message)s')
-    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger('mambavision').setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,7 +356,7 @@ def _progress(iterable, rank: int, desc: str):
 def train_one_epoch(
         epoch, model, loader, optimizer, loss_fn, scheduler, ema, scaler, clip_grad, amp, device, rank,
         num_updates) -> Tuple[Dict[str, float], int]:
-    """One pass over ``loader``: ({'loss', 'samples', 'seconds'} of this rank, updates so far)."""
+    """One pass over ``loader``: ({'loss_sum', 'samples', 'seconds'} of this rank, updates so far)."""
     model.train()
     loss_sum, samples = torch.zeros((), dtype=torch.float64, device=device), 0
     start = time.perf_counter()
@@ -449,6 +451,8 @@ def _train(args, config, train_cfg, output, device, rank, world) -> int:
     ema = ModelEmaV3(model, decay=train_cfg['model_ema_decay']) if train_cfg['model_ema_decay'] else None
 
     mixup_active = train_cfg['mixup'] > 0 or train_cfg['cutmix'] > 0
+    if mixup_active and train_cfg['batch_size'] % 2:
+        raise ValueError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, got {train_cfg["batch_size"]}')
     collate = FastCollateMixup(
         mixup_alpha=train_cfg['mixup'], cutmix_alpha=train_cfg['cutmix'], label_smoothing=train_cfg['smoothing'],
         num_classes=num_classes) if mixup_active else None
@@ -465,7 +469,9 @@ def _train(args, config, train_cfg, output, device, rank, world) -> int:
     if ckpt is not None:
         _unwrap(model).load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
+        if ckpt['scheduler'] != scheduler.state_dict():  # the schedule follows the command line
+            _logger.warning(f'the schedule differs from the one {args.resume} was trained with (epochs, lr, warm-up '
+                            f'or updates per epoch changed): following this command')
         if scaler is not None and ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
         if ema is not None and ckpt.get('state_dict_ema'):

@@ -143,6 +143,7 @@ def test_killed_mid_epoch_resumes_at_next_epoch_with_its_state(run):
     killed = load_checkpoint(str(run['killed_ckpt']), 'test_mambavision')
     assert killed['epoch'] == 1
     assert 'resumed from' in run['resumed_output'] and 'continuing at epoch 2' in run['resumed_output']
+    assert 'schedule differs' not in run['resumed_output']  # the rebuilt scheduler equals the saved one
     rows = _rows(run['out'])
     for r in rows:  # the cosine schedule over all updates, uninterrupted: the scheduler resumed at its step
         expected = MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * r['epoch'] / EPOCHS))
