@@ -49,6 +49,7 @@ def export_onnx(
         # sizes are traced symbolically (checked at other sizes by the tests).
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
         warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
         torch.onnx.export(
             model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True)

@@ -1,0 +1,123 @@
+"""ONNX export: one graph of standard ops with dynamic batch, height and width that runs in
+onnxruntime like PyTorch at other sizes than the traced one (odd, non-square: the window
+padding is traced as shape arithmetic), and the ``mambavision export`` command."""
+import onnx
+import pytest
+import timm
+import torch
+
+import mambavision  # noqa: F401
+from mambavision.cli import main
+from mambavision.export import export_onnx, max_onnx_difference, onnx_session
+
+REL_TOL = 1e-4
+
+
+def _model(name='test_mambavision', **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():  # non-trivial norm statistics, so that an export that drops them shows
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _rel_difference(session, model, shape):
+    x = torch.randn(shape)
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    return max_onnx_difference(session, model, x) / scale
+
+
+@pytest.fixture(scope='module')
+def exported_test_model(tmp_path_factory):
+    model = _model()
+    path = export_onnx(model, tmp_path_factory.mktemp('onnx') / 'test_mambavision.onnx', img_size=64, batch_size=2)
+    return model, path, onnx_session(path)
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 64, 64), (1, 3, 97, 75), (3, 3, 64, 96), (1, 3, 33, 130), (2, 3, 128, 128)])
+def test_onnx_dynamic_shapes_match_pytorch(exported_test_model, shape):
+    model, _, session = exported_test_model
+    assert _rel_difference(session, model, shape) < REL_TOL
+
+
+def test_onnx_graph_is_standard_ops_with_dynamic_axes(exported_test_model):
+    _, path, _ = exported_test_model
+    graph = onnx.load(path).graph
+    onnx.checker.check_model(onnx.load(path))
+    assert {node.domain for node in graph.node} <= {'', 'ai.onnx'}  # no custom op left
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ['batch', 3, 'height', 'width']
+
+
+def test_static_export_fixes_the_shape(tmp_path):
+    model = _model()
+    path = export_onnx(model, tmp_path / 'static.onnx', img_size=(40, 72), dynamic=False)
+    dims = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 40, 72]
+    assert _rel_difference(onnx_session(path), model, (1, 3, 40, 72)) < REL_TOL
+
+
+def test_mambavision_t_exports_and_runs_at_another_size(tmp_path):
+    """The real window sizes (14 and 7): traced at 224, run at an odd non-square size."""
+    model = _model('mambavision_t')
+    path = export_onnx(model, tmp_path / 't.onnx', img_size=224)
+    assert _rel_difference(onnx_session(path), model, (1, 3, 197, 251)) < REL_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', timm.list_models('mambavision*'))
+def test_every_variant_exports(name, tmp_path):
+    model = _model(name)
+    size = model.pretrained_cfg['input_size'][-1]
+    path = export_onnx(model, tmp_path / f'{name}.onnx', img_size=size)
+    session = onnx_session(path)
+    for shape in [(1, 3, size, size), (2, 3, size - 27, size + 29)]:
+        assert _rel_difference(session, model, shape) < REL_TOL, shape
+
+
+def test_export_command_end_to_end(tmp_path, capsys):
+    """--checkpoint weights end up in the file, and the command reports onnxruntime vs PyTorch."""
+    model = _model()
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / 'model.onnx'
+    assert main(['export', '--model', 'test_mambavision', '--checkpoint', str(checkpoint),
+                 '--output', str(out), '--img-size', '72']) == 0
+    printed = capsys.readouterr().out
+    assert f'wrote {out}' in printed and 'dynamic batch/height/width' in printed
+    diff = float(printed.rsplit('max abs difference ', 1)[1].split()[0])
+    assert 0 <= diff < 1e-4
+    assert _rel_difference(onnx_session(out), model, (2, 3, 50, 90)) < REL_TOL  # the checkpoint's weights
+
+
+def test_export_command_static_opset(tmp_path, capsys):
+    out = tmp_path / 'static.onnx'
+    assert main(['export', '--model', 'test_mambavision', '--output', str(out), '--no-dynamic',
+                 '--img-size', '48', '--opset', '18']) == 0
+    captured = capsys.readouterr()
+    assert 'RANDOM weights' in captured.err and 'fixed 1x3x48x48' in captured.out
+    model = onnx.load(out)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 48, 48]
+    assert any(o.domain in ('', 'ai.onnx') and o.version == 18 for o in model.opset_import)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--opset', '13'], '--opset 13: the graph needs opset 17'),
+    (['--checkpoint', 'missing.pth'], 'checkpoint not found: missing.pth'),
+    (['--img-size', '0'], '--img-size must be a positive integer'),
+])
+def test_export_command_bad_input_is_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / 'x.onnx'
+    assert main(['export', '--model', 'test_mambavision', '--output', str(out), *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_export_command_unknown_model(tmp_path, capsys):
+    assert main(['export', '--model', 'mambavision_tt', '--output', str(tmp_path / 'x.onnx')]) == 1
+    assert 'unknown model' in capsys.readouterr().err
