@@ -108,13 +108,18 @@ class _LinearScan(torch.autograd.Function):
         return grad_a, g
 
 
+_BLOCK_ELEMENTS = 2 ** 17  # per (B, T, D, N) block of the inference sweep: 512 KiB, stays in cache
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    """float32 scan in whole-tensor ops around one in-place sweep over time (shapes: module doc).
+    """float32 scan in whole-tensor ops around an in-place sweep over time (shapes: module doc).
 
     Works in (B, L, D, N) layout, in which the model's delta, B and C are contiguous.
-    The sweep costs L small ops, each over B*D*N elements, and touches the states once
-    (the log-depth scan touches them log2(L) times, which is slower on CPU for every
-    MambaVision shape). Without autograd it overwrites its own buffer of inputs.
+    The sweep costs L small ops over B*D*N elements each and touches every state once
+    (a log-depth scan touches them log2(L) times, slower on CPU at every MambaVision
+    shape). Without autograd, time runs in blocks of about ``_BLOCK_ELEMENTS``, each
+    discretised, swept from the previous block's last state and read out while it is
+    still in cache; with autograd it is one block, swept by ``_LinearScan``.
     """
     with torch.autocast(u.device.type, enabled=False):
         delta = delta.float().transpose(1, 2)  # (B, L, D)
@@ -122,11 +127,22 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
             delta = delta + delta_bias.float()
         if delta_softplus:
             delta = F.softplus(delta)
-        a = torch.mul(delta.unsqueeze(-1), A.float()).exp_()  # (B, L, D, N)
-        b = (delta * u.float().transpose(1, 2)).unsqueeze(-1) * B.float().transpose(1, 2).unsqueeze(2)
-        needs_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-        h = _LinearScan.apply(a, b) if needs_grad else _scan_(a, b)
-        y = (h * C.float().transpose(1, 2).unsqueeze(2)).sum(-1)  # (B, L, D)
+        A = A.float()
+        du = delta * u.float().transpose(1, 2)
+        B, C = B.float().transpose(1, 2).unsqueeze(2), C.float().transpose(1, 2).unsqueeze(2)  # (B, L, 1, N)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (A, delta, du, B, C))
+        length = delta.shape[1]
+        step = length if grad else max(1, _BLOCK_ELEMENTS // (delta.shape[0] * A.numel()))
+        ys, h = [], None
+        for t in range(0, length, step):
+            a = torch.mul(delta[:, t:t + step, :, None], A).exp_()  # (B, T, D, N)
+            b = du[:, t:t + step, :, None] * B[:, t:t + step]
+            if h is not None:  # carry in the previous block's last state
+                b[:, 0].addcmul_(a[:, 0], h)
+            states = _LinearScan.apply(a, b) if grad else _scan_(a, b)
+            h = states[:, -1]
+            ys.append((states * C[:, t:t + step]).sum(-1))  # (B, T, D)
+        y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
         return _add_skip(y.transpose(1, 2), u, D)
 
 
