@@ -6,6 +6,10 @@ graph breaks happen) and AOTAutograd (fake tensors and the op's autograd formula
 Inductor's C++ compile, which takes a minute on a small CPU; the Inductor run is slow.
 """
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -92,6 +96,37 @@ def test_gradients_through_the_op_match_reference(backend, optional, softplus):
         scale = b.grad.abs().max().item()
         err = (a.grad.double() - b.grad).abs().max().item()
         assert err <= 1e-4 * scale + 1e-6, f'd{name}: max error {err:.3g} vs max |grad| {scale:.3g}'
+
+
+_TRITON_WORKER = """
+import torch
+from mambavision.ops.selective_scan import selective_scan, selective_scan_ref
+from tests.test_compile import make_inputs
+inputs = make_inputs(length=19)
+ours = [t.clone().requires_grad_() for t in inputs]
+ref = [t.double().requires_grad_() for t in inputs]
+y = selective_scan(*ours, backend='triton')
+y_ref = selective_scan_ref(*ref)
+dy = torch.randn_like(y)
+y.backward(dy)
+y_ref.backward(dy.double())
+errors = [(y.double() - y_ref).abs().max() / y_ref.abs().max()]
+errors += [(a.grad.double() - b.grad).abs().max() / b.grad.abs().max() for a, b in zip(ours, ref)]
+print('MAX_REL_ERROR', max(e.item() for e in errors))
+"""
+
+
+def test_triton_backend_through_the_op():
+    """The op's forward and backward on the Triton kernels (CPU interpreter, in a fresh process:
+    TRITON_INTERPRET must be set before triton is imported) match the float64 reference."""
+    pytest.importorskip('triton')
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
+        [str(repo)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, '-c', _TRITON_WORKER], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split('MAX_REL_ERROR')[1]) < 1e-5
 
 
 def test_low_precision_inputs_go_through_float32():

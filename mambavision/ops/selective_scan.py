@@ -196,10 +196,15 @@ def _mamba_ssm_backend() -> Optional[Tuple[Callable, Callable]]:
 def _triton_backend() -> Optional[Tuple[Callable, Callable]]:
     """(forward, backward) on the Triton kernels, or None when they cannot be imported."""
     try:
-        from .triton_scan import HAS_TRITON, selective_scan_triton
+        from .triton_scan import HAS_TRITON, selective_scan_triton, triton_scan_bwd, triton_scan_fwd
     except Exception:
         return None
-    return (selective_scan_triton, _vjp_backward(selective_scan_triton)) if HAS_TRITON else None
+
+    def backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus):
+        # the forward op keeps no chunk states: the forward kernel runs again to save them
+        _, states = triton_scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, save=True)
+        return triton_scan_bwd(dy, states, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return (selective_scan_triton, backward) if HAS_TRITON else None
 
 
 _loaded: Dict[str, Optional[Tuple[Callable, Callable]]] = {}

@@ -54,7 +54,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
     tl = None
     _TRITON_IMPORT_ERROR = exc
 
-__all__ = ['selective_scan_triton', 'HAS_TRITON']
+__all__ = ['selective_scan_triton', 'triton_scan_fwd', 'triton_scan_bwd', 'HAS_TRITON']
 
 HAS_TRITON = triton is not None
 
@@ -292,74 +292,84 @@ def _check_device(*tensors):
             'set TRITON_INTERPRET=1 before importing triton to run it on the CPU')
 
 
+def triton_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, block_d=None, block_l=None,
+                    save=False):
+    """Forward kernel: y (B, D, L) in u's dtype, and with ``save`` the chunk-start states
+    (B, D, n_chunks, N) float32 that ``triton_scan_bwd`` needs (else None)."""
+    batch, n_ch, seqlen = u.shape
+    n_state = A.shape[1]
+    if delta.shape != u.shape or A.shape != (n_ch, n_state) or B.shape != (batch, n_state, seqlen) \
+            or C.shape != B.shape:
+        raise ValueError(
+            'selective_scan_triton: expected u, delta (B, D, L), A (D, N), B, C (B, N, L); got '
+            f'{tuple(u.shape)}, {tuple(delta.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}')
+    for name, t in (('D', D), ('delta_bias', delta_bias)):
+        if t is not None and t.shape != (n_ch,):
+            raise ValueError(f'selective_scan_triton: {name} must have shape ({n_ch},), got {tuple(t.shape)}')
+    _check_device(u, delta, A, B, C, D, delta_bias)
+    bd, _, bl, bn = _launch_config(n_ch, seqlen, n_state, block_d, block_l)
+    n_chunks = triton.cdiv(seqlen, bl)
+    y = torch.empty((batch, n_ch, seqlen), dtype=u.dtype, device=u.device)
+    states = torch.empty((batch, n_ch, n_chunks, n_state) if save else (1,),
+                         dtype=torch.float32, device=u.device)
+    grid = (batch, triton.cdiv(n_ch, bd))
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, y, states,
+        n_ch, seqlen, n_state,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
+        HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        SAVE_STATES=save, BLOCK_D=bd, BLOCK_L=bl, BLOCK_N=bn, num_warps=NUM_WARPS)
+    return y, states if save else None
+
+
+def triton_scan_bwd(gy, states, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, block_d=None,
+                    block_l=None):
+    """Backward kernel from dy (B, D, L) and the forward's ``states`` (same ``block_d`` / ``block_l``):
+    (du, ddelta, dA, dB, dC, dD, ddelta_bias) in the inputs' dtypes, None for an absent D / delta_bias."""
+    batch, n_ch, seqlen = u.shape
+    n_state = A.shape[1]
+    _, bd, bl, bn = _launch_config(n_ch, seqlen, n_state, block_d, block_l)
+    dev = u.device
+    f32 = torch.float32
+    du = torch.empty((batch, n_ch, seqlen), dtype=u.dtype, device=dev)
+    ddelta = torch.empty((batch, n_ch, seqlen), dtype=delta.dtype, device=dev)
+    dA = torch.empty((batch, n_ch, n_state), dtype=f32, device=dev)
+    dB = torch.zeros((batch, n_state, seqlen), dtype=f32, device=dev)
+    dC = torch.zeros((batch, n_state, seqlen), dtype=f32, device=dev)
+    dD = torch.empty((batch, n_ch), dtype=f32, device=dev) if D is not None else dA
+    dbias = torch.empty((batch, n_ch), dtype=f32, device=dev) if delta_bias is not None else dA
+    grid = (batch, triton.cdiv(n_ch, bd))
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, gy, states,
+        du, ddelta, dA, dB, dC, dD, dbias,
+        n_ch, seqlen, n_state,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *gy.stride(),
+        HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        BLOCK_D=bd, BLOCK_L=bl, BLOCK_N=bn, num_warps=NUM_WARPS)
+    return (
+        du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        dD.sum(0).to(D.dtype) if D is not None else None,
+        dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+    )
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper around the forward and backward kernels (shapes: module doc)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, block_d, block_l, save):
-        batch, n_ch, seqlen = u.shape
-        n_state = A.shape[1]
-        if delta.shape != u.shape or A.shape != (n_ch, n_state) or B.shape != (batch, n_state, seqlen) \
-                or C.shape != B.shape:
-            raise ValueError(
-                'selective_scan_triton: expected u, delta (B, D, L), A (D, N), B, C (B, N, L); got '
-                f'{tuple(u.shape)}, {tuple(delta.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}')
-        for name, t in (('D', D), ('delta_bias', delta_bias)):
-            if t is not None and t.shape != (n_ch,):
-                raise ValueError(f'selective_scan_triton: {name} must have shape ({n_ch},), got {tuple(t.shape)}')
-        _check_device(u, delta, A, B, C, D, delta_bias)
-        bd, bd_bwd, bl, bn = _launch_config(n_ch, seqlen, n_state, block_d, block_l)
-        n_chunks = triton.cdiv(seqlen, bl)
-        y = torch.empty((batch, n_ch, seqlen), dtype=u.dtype, device=u.device)
-        states = torch.empty((batch, n_ch, n_chunks, n_state) if save else (1,),
-                             dtype=torch.float32, device=u.device)
-        grid = (batch, triton.cdiv(n_ch, bd))
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, y, states,
-            n_ch, seqlen, n_state,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride(),
-            HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            SAVE_STATES=save, BLOCK_D=bd, BLOCK_L=bl, BLOCK_N=bn, num_warps=NUM_WARPS)
+        y, states = triton_scan_fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, block_d, block_l, save)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
-            ctx.config = (bool(delta_softplus), bd_bwd, bl, bn)
+            ctx.config = (bool(delta_softplus), block_d, block_l)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-        softplus, bd, bl, bn = ctx.config
-        batch, n_ch, seqlen = u.shape
-        n_state = A.shape[1]
-        dev = u.device
-        f32 = torch.float32
-        du = torch.empty((batch, n_ch, seqlen), dtype=u.dtype, device=dev)
-        ddelta = torch.empty((batch, n_ch, seqlen), dtype=delta.dtype, device=dev)
-        dA = torch.empty((batch, n_ch, n_state), dtype=f32, device=dev)
-        dB = torch.zeros((batch, n_state, seqlen), dtype=f32, device=dev)
-        dC = torch.zeros((batch, n_state, seqlen), dtype=f32, device=dev)
-        dD = torch.empty((batch, n_ch), dtype=f32, device=dev) if D is not None else dA
-        dbias = torch.empty((batch, n_ch), dtype=f32, device=dev) if delta_bias is not None else dA
-        grid = (batch, triton.cdiv(n_ch, bd))
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, gy, states,
-            du, ddelta, dA, dB, dC, dD, dbias,
-            n_ch, seqlen, n_state,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *gy.stride(),
-            HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            BLOCK_D=bd, BLOCK_L=bl, BLOCK_N=bn, num_warps=NUM_WARPS)
-        need = ctx.needs_input_grad
-        return (
-            du if need[0] else None,
-            ddelta if need[1] else None,
-            dA.sum(0).to(A.dtype) if need[2] else None,
-            dB.to(B.dtype) if need[3] else None,
-            dC.to(C.dtype) if need[4] else None,
-            dD.sum(0).to(D.dtype) if D is not None and need[5] else None,
-            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None and need[6] else None,
-            None, None, None, None,
-        )
+        grads = triton_scan_bwd(gy, states, u, delta, A, B, C, D, delta_bias, *ctx.config)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, *,
