@@ -9,7 +9,6 @@ from timm.layers import DropPath, LayerScale
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
-import mambavision
 from mambavision import ConvBlock, HybridBlock, MambaVisionMixer
 
 ARCHS = [

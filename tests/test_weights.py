@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 from timm.models._manipulate import adapt_input_conv
 
-import mambavision
 import mambavision.weights
 from mambavision import checkpoint_filter_fn, read_state_dict
 
