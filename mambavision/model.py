@@ -345,8 +345,10 @@ class MambaVision(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute the windowed stages' blocks in backward; not the conv stages, whose BatchNorm
+        running statistics would be updated a second time by the recomputation."""
         for stage in self.stages:
-            stage.grad_checkpointing = enable
+            stage.grad_checkpointing = enable and stage.window_size is not None
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

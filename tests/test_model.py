@@ -294,11 +294,12 @@ def _counting(fn, calls):
     return forward
 
 
-def test_grad_checkpointing_recomputes_blocks_with_equal_gradients():
+def test_grad_checkpointing_recomputes_blocks_with_equal_training_step():
+    """Hybrid blocks are recomputed in backward; gradients and BatchNorm statistics equal those without it."""
     x = _image(2, 3, 40, 40)
-    grads, counts = [], []
+    grads, buffers, counts = [], [], []
     for enable in (False, True):
-        model = _model()
+        model = _model().train()
         model.set_grad_checkpointing(enable)
         calls = []
         for block in _blocks(model):  # count forward runs (module hooks do not see checkpoint recomputation)
@@ -306,13 +307,17 @@ def test_grad_checkpointing_recomputes_blocks_with_equal_gradients():
         model(x).square().sum().backward()
         counts.append(len(calls))
         grads.append({n: p.grad for n, p in model.named_parameters()})
+        buffers.append(dict(model.named_buffers()))
         with torch.no_grad():  # no recomputation without gradients
             calls.clear()
             model(x)
             assert len(calls) == len(_blocks(model))
-    assert counts == [len(_blocks(model)), 2 * len(_blocks(model))]
+    hybrid = sum(isinstance(b, HybridBlock) for b in _blocks(model))
+    assert counts == [len(_blocks(model)), len(_blocks(model)) + hybrid]
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, rtol=1e-5, atol=1e-7), name
+    for name, buffer in buffers[0].items():  # BatchNorm statistics are updated once per step
+        assert torch.equal(buffers[1][name], buffer), name
 
 
 @pytest.mark.parametrize('kwargs', [dict(drop_path_rate=0.5), dict(drop_rate=0.5)])
