@@ -12,6 +12,8 @@ size (odd and non-square included).
 import argparse
 import os
 import sys
+import tempfile
+import time
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -35,8 +37,10 @@ def export_onnx(
     """Write ``model`` (put in eval mode) to ``path`` as ONNX: 'input' (B, C, H, W) -> 'output'.
 
     With ``dynamic``, batch, height and width are free in the graph; otherwise they are
-    fixed to ``batch_size`` x ``img_size``. Returns ``path`` as a string.
+    fixed to ``batch_size`` x ``img_size``. Models over 2 GB (L3) keep their weights in
+    ``path + '.data'`` beside the graph, as ONNX requires. Returns ``path`` as a string.
     """
+    path = os.path.abspath(os.fspath(path))
     if opset < 17:
         raise ValueError(f'opset {opset} is too old: LayerNormalization needs opset 17 or newer')
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
@@ -50,10 +54,22 @@ def export_onnx(
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
         warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export', category=DeprecationWarning)
         warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'torch\.onnx')
-        torch.onnx.export(
-            model, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True)
-    return str(path)
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+            traced = os.path.join(tmp, 'model.onnx')
+            torch.onnx.export(
+                model, (x,), traced, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, do_constant_folding=True)
+            if len(os.listdir(tmp)) == 1:
+                os.replace(traced, path)
+            else:  # over protobuf's 2 GB the exporter writes one file per tensor: gather them in one
+                import onnx
+
+                data = path + '.data'
+                if os.path.exists(data):
+                    os.remove(data)  # onnx appends to an existing data file
+                onnx.save_model(onnx.load(traced), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=os.path.basename(data))
+    return path
 
 
 def onnx_session(path: Union[str, os.PathLike], threads: Optional[int] = None):
@@ -123,21 +139,23 @@ def run_export(args) -> int:
         raise CliError(f'--opset {args.opset}: the graph needs opset 17 or newer (LayerNormalization)')
     if args.img_size is not None and args.img_size < 1:
         raise CliError(f'--img-size must be a positive integer, got {args.img_size}')
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise CliError(f'output directory does not exist: {out_dir}')
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise CliError("ONNX export needs onnx and onnxruntime: pip install 'mambavision[onnx]'") from None
     model = _build_model(args).eval()
     img_size = args.img_size or resolve_model_data_config(model)['input_size'][-1]
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise CliError(f'output directory does not exist: {out_dir}')
+    start = time.time()
     export_onnx(model, args.output, img_size, opset=args.opset, dynamic=args.dynamic)
     batch = 2 if args.dynamic else 1
     x = torch.randn(batch, model.in_chans, img_size, img_size)
     diff = max_onnx_difference(onnx_session(args.output), model, x)
-    size_mb = os.path.getsize(args.output) / 2 ** 20
-    print(f'wrote {args.output} ({size_mb:.1f} MiB, opset {args.opset}, '
+    written = [p for p in (args.output, args.output + '.data') if os.path.exists(p) and os.path.getmtime(p) >= start - 1]
+    size_mb = sum(os.path.getsize(p) for p in written) / 2 ** 20
+    print(f"wrote {' + '.join(written)} ({size_mb:.1f} MiB, opset {args.opset}, "
           f"{'dynamic batch/height/width' if args.dynamic else f'fixed 1x{model.in_chans}x{img_size}x{img_size}'})")
     print(f'onnxruntime vs PyTorch at {batch}x{model.in_chans}x{img_size}x{img_size}: max abs difference {diff:.3g}')
     return 0

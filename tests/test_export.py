@@ -109,6 +109,7 @@ def test_export_command_static_opset(tmp_path, capsys):
     (['--opset', '13'], '--opset 13: the graph needs opset 17'),
     (['--checkpoint', 'missing.pth'], 'checkpoint not found: missing.pth'),
     (['--img-size', '0'], '--img-size must be a positive integer'),
+    (['--output', 'no-such-dir/x.onnx'], 'output directory does not exist'),
 ])
 def test_export_command_bad_input_is_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / 'x.onnx'
