@@ -5,10 +5,15 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 from safetensors.torch import load_file
 
 import mambavision
 from mambavision import checkpoint_filter_fn
+
+# The tests run small ops, where intra-op threads cost more than they give; on a shared, loaded CPU
+# two threads made the suite ~10x slower (OpenMP waits), one thread runs it at full speed.
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 TINY_FIXTURES = ('official_tiny_a', 'official_tiny_b')
