@@ -139,8 +139,11 @@ def test_forced_backend_that_cannot_run_on_cpu(name, monkeypatch):
     monkeypatch.setenv('MAMBAVISION_SCAN', name)
     with pytest.raises(RuntimeError, match=f"'{name}' cannot run on cpu"):
         selective_scan(**x)
-    with pytest.raises(RuntimeError, match=name):
-        selective_scan(**x, backend=name)
+
+
+def test_explicit_backend_that_is_not_installed():
+    with pytest.raises(RuntimeError, match='mamba_ssm'):
+        selective_scan(**_inputs(), backend='mamba_ssm')
 
 
 @pytest.mark.parametrize('backend', CPU_BACKENDS)
