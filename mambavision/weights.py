@@ -100,9 +100,9 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
     """Load weight file ``path`` into ``model`` strictly, adapting classifier and first conv as timm does.
 
     The classifier is dropped (and stays freshly initialised) when the file's class
-    count differs from the model's; the first conv is adapted with timm's
-    ``adapt_input_conv`` when ``in_chans`` differs. Any other missing, unexpected or
-    mis-shaped tensor raises a ``RuntimeError`` naming it.
+    count differs from the model's (a file without one needs ``num_classes=0``); the
+    first conv is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs.
+    Any other missing, unexpected or mis-shaped tensor raises a ``RuntimeError`` naming it.
     """
     from timm.models._manipulate import adapt_input_conv
 
@@ -111,10 +111,12 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
     conv = 'stem.conv1.weight'
     if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
         state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
-    for name in ('head.fc.weight', 'head.fc.bias'):
-        if name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
-            state_dict.pop(name)  # another class count, or no classifier: keep the model's own head
-    missing = [n for n in own if n not in state_dict and not n.startswith('head.fc.')]
+    head = [
+        n for n in ('head.fc.weight', 'head.fc.bias')
+        if n in state_dict and (n not in own or state_dict[n].shape != own[n].shape)]
+    for name in head:
+        state_dict.pop(name)  # another class count, or no classifier: keep the model's own head
+    missing = [n for n in own if n not in state_dict and n not in head]
     unexpected = [n for n in state_dict if n not in own]
     mismatched = [
         f'{n} (file {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)})'

@@ -155,6 +155,7 @@ def _published_with(fixture, edit) -> dict:
 @pytest.mark.parametrize('edit, problem, name', [
     (lambda sd: sd.pop('levels.2.blocks.0.mixer.A_log'), 'missing', 'stages.2.blocks.0.mixer.A_log'),
     (lambda sd: sd.pop('patch_embed.conv_down.1.running_var'), 'missing', 'stem.norm1.running_var'),
+    (lambda sd: sd.pop('head.weight'), 'missing', 'head.fc.weight'),
     (lambda sd: sd.update({'levels.3.blocks.0.mixer.extra': torch.zeros(2)}),
      'unexpected', 'stages.3.blocks.0.mixer.extra'),
     (lambda sd: sd.update({'levels.2.blocks.1.mixer.D': torch.zeros(3)}), 'wrong shape', 'stages.2.blocks.1.mixer.D'),
@@ -184,6 +185,16 @@ def test_other_class_count_keeps_fresh_classifier(tiny_b, num_classes, tmp_path)
     with torch.no_grad():
         pooled = model.forward_head(model.forward_features(tiny['input.1']), pre_logits=True)
     assert (pooled - tiny['pooled.1']).abs().max() <= TOL
+
+
+def test_file_without_classifier_loads_as_backbone(tiny_a, tmp_path):
+    backbone = {k: v for k, v in tiny_a.state_dict.items() if not k.startswith('head.')}
+    path = _write(tmp_path / 'backbone.safetensors', backbone)
+    with pytest.raises(RuntimeError, match='missing: head.fc.weight, head.fc.bias'):
+        _create(tiny_a, path)
+    model = _create(tiny_a, path, num_classes=0)
+    with torch.no_grad():
+        assert (model(tiny_a['input.0']) - tiny_a['pooled.0']).abs().max() <= TOL
 
 
 @pytest.mark.parametrize('in_chans', [1, 4])
