@@ -24,7 +24,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from importlib import metadata
 from typing import Optional, Sequence
 
@@ -299,6 +298,7 @@ def run_benchmark(args) -> int:
     import torch
     from tqdm import tqdm
     from mambavision.ops import resolve_scan_backend
+    from mambavision.timing import time_calls
 
     check_model_name(args.model)
     device = _resolve_device(args.device)
@@ -314,18 +314,10 @@ def run_benchmark(args) -> int:
         model = torch.compile(model)
     amp = (torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp])
            if args.amp else contextlib.nullcontext())
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-
-    times = []
+    progress = functools.partial(tqdm, desc=f'benchmark {args.model}', unit='batch', file=sys.stderr, leave=False,
+                                 disable=None)
     with torch.inference_mode(), amp:
-        sync()
-        for i in tqdm(range(args.warmup + args.repeats), desc=f'benchmark {args.model}', unit='batch',
-                      file=sys.stderr, leave=False, disable=None):
-            start = time.perf_counter()
-            model(x)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+        times = time_calls(lambda: model(x), args.warmup, args.repeats, device, progress)
     latency = statistics.median(times)
     result = dict(
         model=args.model, device=device.type,
