@@ -74,6 +74,8 @@ def test_every_variant_exports(name, tmp_path):
     model = _model(name)
     size = model.pretrained_cfg['input_size'][-1]
     path = export_onnx(model, tmp_path / f'{name}.onnx', img_size=size)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files in ([f'{name}.onnx'], [f'{name}.onnx', f'{name}.onnx.data'])  # L3 (> 2 GB): one data file
     session = onnx_session(path)
     for shape in [(1, 3, size, size), (2, 3, size - 27, size + 29)]:
         assert _rel_difference(session, model, shape) < REL_TOL, shape
