@@ -1,0 +1,128 @@
+"""benchmarks/gpu.py, the one script a session lent a GPU runs: every path proven here on the CPU.
+
+``--device cpu --smoke`` runs all four sections (scan and model correctness, inference and
+training timings, eager and compiled) on test_mambavision at 64x64; the JSON it writes is
+checked for its keys, finite numbers and passing correctness rows. Its recorder is checked
+in-process: a failing measurement is recorded with its error and the next one still runs,
+and measurements past the time budget are recorded as skipped.
+"""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambavision.ops import get_scan_backend
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'benchmarks' / 'gpu.py'
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location('mambavision_gpu_script', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(obj):
+    """Every int / float in a JSON value."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [obj]
+    if isinstance(obj, dict):
+        return [n for v in obj.values() for n in _numbers(v)]
+    if isinstance(obj, list):
+        return [n for v in obj for n in _numbers(v)]
+    return []
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('gpu_out')
+    cmd = [sys.executable, str(SCRIPT), '--device', 'cpu', '--smoke', '--backends', 'mamba_ssm,torch,reference',
+           '--out', str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / 'gpu_results.json').read_text()), proc.stdout, out
+
+
+def test_smoke_run_writes_complete_results(smoke):
+    report, _, _ = smoke
+    assert report['finished'] is True
+    assert {'command', 'started', 'elapsed_s', 'env', 'settings', 'skipped', 'scan', 'model', 'inference', 'train',
+            'compile'} <= set(report)
+    env = report['env']
+    assert {'python', 'torch', 'torch_cuda', 'triton', 'timm', 'mamba_ssm', 'mambavision', 'git_commit',
+            'scan_backends_available', 'selective_scan_cuda'} <= set(env)
+    assert report['settings']['backends'] == ['torch', 'reference']  # asked-for mamba_ssm is not on the CPU
+    assert [s['backend'] for s in report['skipped']] == ['mamba_ssm']
+    assert all(math.isfinite(n) for n in _numbers(report))
+
+
+def test_smoke_correctness_rows_pass(smoke):
+    report, _, _ = smoke
+    scan = report['scan']
+    assert {r['backend'] for r in scan} == {'torch', 'reference', 'reference on cpu'}
+    assert {r['length'] for r in scan} >= {1, 7, 49}  # odd lengths and a 7x7 window
+    for row in scan:
+        assert row['passed'] is True and 'error' not in row, row
+        assert set(row['errors']) == {'y', 'du', 'ddelta', 'dA', 'dB', 'dC', 'dD', 'ddelta_bias'}
+    assert [r['backend'] for r in report['model']] == ['torch', 'reference']
+    for row in report['model']:
+        assert row['passed'] is True and row['logits_rel_err'] <= 1e-4 and row['grad_max_rel_err'] <= 1e-3, row
+
+
+def test_smoke_timings_cover_every_mode_and_backend(smoke):
+    report, stdout, out = smoke
+    for section in ('inference', 'train'):
+        rows = report[section]
+        assert {(r['mode'], r['backend']) for r in rows} == {
+            (m, b) for m in ('eager', 'compile') for b in ('torch', 'reference')}
+        for row in rows:
+            assert 'error' not in row and 'skipped' not in row, row
+            assert 0 < row['ms_min'] <= row['ms'] <= row['ms_max'] and row['img_per_s'] > 0, row
+            assert row['repeats'] == 2 and row['peak_mem_gib'] is None  # memory is only tracked on CUDA
+    assert sorted(r['section'] for r in report['compile']) == ['inference', 'train']
+    assert all(r['compile_s'] > 0 and r['compile_backend'] == 'aot_eager' for r in report['compile'])
+    # the markdown table comes last on stdout, and is written beside the JSON
+    lines = stdout.strip().splitlines()
+    assert lines[-1].startswith('| test_mambavision | compile |') and '| model | mode | torch | reference |' in lines
+    assert '\n'.join(lines[-4:]) in (out / 'gpu_results.md').read_text()
+
+
+def test_recorder_keeps_going_after_a_failure_and_respects_the_budget(tmp_path):
+    gpu = _load_script()
+    report = {}
+    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report=report)
+
+    def broken():
+        gpu.set_scan_backend('reference')
+        raise RuntimeError('kernel exploded\nsecond line')
+    rec.run('scan', dict(backend='x'), broken)
+    assert get_scan_backend() == 'auto'  # the forced backend does not leak into the next row
+    rec.run('scan', dict(backend='y'), lambda: dict(passed=True, err=float('inf')))
+    rec.budget_s = 0.
+    rec.run('scan', dict(backend='z'), lambda: pytest.fail('ran past the budget'))
+    saved = json.loads((tmp_path / 'r.json').read_text())
+    first, second, third = saved['scan']
+    assert first['error'] == 'RuntimeError: kernel exploded\nsecond line' and 'passed' not in first
+    assert second['passed'] is True and second['err'] is None  # non-finite numbers are null in strict JSON
+    assert third['skipped'].startswith('time budget') and 'wall_s' not in third
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    gpu = _load_script()
+    cases = [(['--backends', 'triton,cuda'], '--backends: unknown cuda'),
+             (['--train-models', 'mambavision_x'], '--train-models: unknown model mambavision_x')]
+    if not torch.cuda.is_available():
+        cases.append((['--device', 'cuda'], '--device cuda: PyTorch sees no CUDA device'))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            gpu.parse_args(argv)
+        assert message in capsys.readouterr().err
