@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import socket
+import urllib.request
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
@@ -134,6 +135,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     if constants.HF_HUB_OFFLINE or os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE'):
         return False
     url = urlparse(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        url = urlparse(proxy if '://' in proxy else f'http://{proxy}')  # the hub is reached through the proxy
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()
     except OSError:

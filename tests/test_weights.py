@@ -277,6 +277,30 @@ def test_hub_cache_hit_loads_offline(full_size_t, no_network, monkeypatch, where
     _assert_weights(timm.create_model('mambavision_t.nv_in1k', pretrained=True, **kwargs), weights)
 
 
+def test_hub_through_proxy(full_size_t, no_network, monkeypatch):
+    """Behind an HTTPS proxy (direct connections blocked) the download still goes ahead."""
+    path, weights = full_size_t
+    probed = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, *args, **kwargs):
+        probed.append(address)
+        if address != ('proxy.example', 3128):
+            raise OSError('Network is unreachable')
+        return Connection()
+
+    monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(socket, 'create_connection', connect)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', lambda repo_id, filename, **kwargs: path)
+    _assert_weights(timm.create_model('mambavision_t.nv_in1k', pretrained=True), weights)
+    assert probed == [('proxy.example', 3128)]
+
+
 @pytest.mark.parametrize('why', ['HF_HUB_OFFLINE', 'unreachable'])
 def test_offline_fails_fast_with_one_line(why, no_network, monkeypatch):
     if why == 'HF_HUB_OFFLINE':
