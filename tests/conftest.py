@@ -1,11 +1,21 @@
 """Shared test helpers: the golden fixtures of the published code and the published checkpoint names."""
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-import pytest
-import timm
-import torch
+# A Hugging Face cache of the machine (real published weights, say) must not change what the tests see:
+# point the hub at an empty cache before huggingface_hub is first imported (it reads this at import).
+os.environ['HF_HOME'] = tempfile.mkdtemp(prefix='mambavision-tests-hf-')
+atexit.register(shutil.rmtree, os.environ['HF_HOME'], True)
+os.environ.pop('HF_HUB_CACHE', None)
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import load_file
 
 import mambavision
