@@ -78,8 +78,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, delta_bias=None, delta_softplu
 
 def _scan_(a, h):
     """In place over dim 1: h_t <- a_t * h_{t-1} + h_t, so inputs b become states h. (B, L, ...) -> h."""
-    for t in range(1, h.shape[1]):
-        h[:, t].addcmul_(a[:, t], h[:, t - 1])
+    states = h.unbind(1)  # views made in one call: the loop's cost at small sizes is per-op overhead
+    for a_t, h_prev, h_t in zip(a.unbind(1)[1:], states, states[1:]):
+        h_t.addcmul_(a_t, h_prev)
     return h
 
 
@@ -101,8 +102,9 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, grad_h):
         a, h = ctx.saved_tensors
         g = grad_h.clone()
-        for t in range(g.shape[1] - 1, 0, -1):
-            g[:, t - 1].addcmul_(a[:, t], g[:, t])
+        grads = g.unbind(1)
+        for a_t, g_t, g_prev in zip(a.unbind(1)[:0:-1], grads[:0:-1], grads[-2::-1]):
+            g_prev.addcmul_(a_t, g_t)
         grad_a = torch.zeros_like(a)
         torch.mul(g[:, 1:], h[:, :-1], out=grad_a[:, 1:])
         return grad_a, g
