@@ -35,7 +35,7 @@ import timm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import mambavision  # noqa: E402  (registers the models)
-from mambavision.inference import fuse_for_inference  # noqa: E402
+from mambavision.inference import cast_for_autocast, fuse_for_inference  # noqa: E402
 from mambavision.model import MambaVisionMixer  # noqa: E402
 
 PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
@@ -103,12 +103,14 @@ def build_variants(args) -> List[Variant]:
             if name != base:
                 vs.append(Variant(name, mv, backend, bf16, baseline=base))
     vs.append(Variant('mambavision_t torch bf16 +fused BN +channels_last', fused, 'torch', True, True, base))
+    best = cast_for_autocast(copy.deepcopy(fused))
+    vs.append(Variant('mambavision_t torch bf16 +fused BN +channels_last +bf16 weights', best, 'torch', True, True, base))
     for mode in args.compile:
-        compiled = torch.compile(fused, mode=None if mode == 'default' else mode, dynamic=False)
-        for bf16 in (False, True):
-            vs.append(Variant(
-                f'mambavision_t torch {"bf16" if bf16 else "fp32"} +fused BN +channels_last +compile({mode})',
-                compiled, 'torch', bf16, True, base))
+        opts = dict(mode=None if mode == 'default' else mode, dynamic=False)
+        vs.append(Variant(f'mambavision_t torch fp32 +fused BN +channels_last +compile({mode})',
+                          torch.compile(fused, **opts), 'torch', False, True, base))
+        vs.append(Variant(f'mambavision_t torch bf16 +fused BN +channels_last +bf16 weights +compile({mode})',
+                          torch.compile(best, **opts), 'torch', True, True, base))
     for name in args.peers:
         peer = realistic_init(timm.create_model(name))
         vs.append(Variant(f'{name} fp32', peer, baseline=None))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mambavision  # noqa: F401
-from mambavision.inference import fuse_for_inference
+from mambavision.inference import cast_for_autocast, fuse_for_inference
 
 
 def test_fuse_for_inference_matches_unfused():
@@ -32,3 +32,14 @@ def test_fuse_for_inference_matches_unfused():
 def test_fuse_for_inference_needs_eval_mode():
     with pytest.raises(ValueError, match='eval mode'):
         fuse_for_inference(timm.create_model('test_mambavision').train())
+
+
+def test_cast_for_autocast_gives_autocast_output():
+    torch.manual_seed(0)
+    model = timm.create_model('test_mambavision').eval()
+    cast = cast_for_autocast(copy.deepcopy(model))
+    assert cast.stem.conv1.weight.dtype == torch.bfloat16
+    assert cast.stages[2].blocks[0].mixer.dt_proj.weight.dtype == torch.float32
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        torch.testing.assert_close(cast(x), model(x))
