@@ -113,6 +113,16 @@ class _LinearScan(torch.autograd.Function):
 _BLOCK_ELEMENTS = 2 ** 17  # per (B, T, D, N) block of the inference sweep: 512 KiB, stays in cache
 
 
+def _softplus(x):
+    """``F.softplus(x)`` to float32 rounding (and its gradient), 4x faster on CPU, whose log1p is scalar.
+
+    log1p(z) = log(1 + z) + (z - ((1 + z) - 1)) / (1 + z) recovers what rounding 1 + z lost.
+    """
+    z = torch.exp(x.clamp(max=20.))
+    w = 1 + z
+    return torch.where(x > 20., x, torch.log(w).add_((z - (w - 1)).div_(w)))
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     """float32 scan in whole-tensor ops around an in-place sweep over time (shapes: module doc).
 
@@ -128,7 +138,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         if delta_bias is not None:
             delta = delta + delta_bias.float()
         if delta_softplus:
-            delta = F.softplus(delta)
+            delta = _softplus(delta)
         A = A.float()
         du = delta * u.float().transpose(1, 2)
         B, C = B.float().transpose(1, 2).unsqueeze(2), C.float().transpose(1, 2).unsqueeze(2)  # (B, L, 1, N)
