@@ -81,3 +81,21 @@ def test_torch_scan_inference_blocks_match_reference():
     with torch.inference_mode():
         y, ref = selective_scan_torch(u, delta, A, B, C, D, bias), selective_scan_ref(u, delta, A, B, C, D, bias)
     assert float((y - ref).norm()) <= 1e-5 * float(ref.norm())
+
+
+def test_torch_scan_matches_reference_over_softplus_range():
+    """Step sizes from underflow to the linear branch of softplus (x > 20): outputs and all gradients."""
+    g = torch.Generator().manual_seed(1)
+    b, d, n, length = 2, 6, 4, 9
+    delta = torch.linspace(-40, 40, b * d * length).reshape(b, d, length)
+    args = [torch.randn(b, d, length, generator=g), delta, -torch.rand(d, n, generator=g) / 10,
+            torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g),
+            torch.randn(d, generator=g), torch.randn(d, generator=g)]
+    outs = []
+    for fn in (selective_scan_ref, selective_scan_torch):
+        leaves = [t.clone().requires_grad_() for t in args]
+        y = fn(*leaves)
+        grads = torch.autograd.grad((y * torch.randn(y.shape, generator=g.manual_seed(2))).sum(), leaves)
+        outs.append([y.detach(), *grads])
+    for got, ref in zip(*outs):
+        assert float((got - ref).norm()) <= 1e-5 * float(ref.norm())
