@@ -110,7 +110,7 @@ class _LinearScan(torch.autograd.Function):
         return grad_a, g
 
 
-_BLOCK_ELEMENTS = 2 ** 17  # per (B, T, D, N) block of the inference sweep: 512 KiB, stays in cache
+_BLOCK_ELEMENTS = 2 ** 17  # per thread, in a (B, T, D, N) block of the inference sweep: 512 KiB stays in cache
 
 
 def _softplus(x):
@@ -129,7 +129,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     Works in (B, L, D, N) layout, in which the model's delta, B and C are contiguous.
     The sweep costs L small ops over B*D*N elements each and touches every state once
     (a log-depth scan touches them log2(L) times, slower on CPU at every MambaVision
-    shape). Without autograd, time runs in blocks of about ``_BLOCK_ELEMENTS``, each
+    shape). Without autograd, time runs in blocks of ``_BLOCK_ELEMENTS`` per thread, each
     discretised, swept from the previous block's last state and read out while it is
     still in cache; with autograd it is one block, swept by ``_LinearScan``.
     """
@@ -144,7 +144,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
         B, C = B.float().transpose(1, 2).unsqueeze(2), C.float().transpose(1, 2).unsqueeze(2)  # (B, L, 1, N)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (A, delta, du, B, C))
         length = delta.shape[1]
-        step = length if grad else max(1, _BLOCK_ELEMENTS // (delta.shape[0] * A.numel()))
+        step = length if grad else max(1, _BLOCK_ELEMENTS * torch.get_num_threads() // (delta.shape[0] * A.numel()))
         ys, h = [], None
         for t in range(0, length, step):
             a = torch.mul(delta[:, t:t + step, :, None], A).exp_()  # (B, T, D, N)
