@@ -224,27 +224,32 @@ def _open_image(path, decode: bool = True):
         raise CliError(f'cannot read {path} as an image ({_one_line(e)})') from None
 
 
-def _build_predict_model(args):
-    """The model with the weights asked for: local file, hub (or cache), else random with one warning."""
+def create_model_with_weights(command: str, name: str, checkpoint: Optional[str], require_weights: bool,
+                              hint: str, random_weights: bool = False):
+    """Model ``name`` with the weights asked for: ``checkpoint`` (a local file) when given, else the
+    published ones (hub or local cache). When those cannot be had, or none are published, or
+    ``random_weights`` is set: random weights announced in one line on stderr, or, with
+    ``require_weights``, a ``CliError`` saying why (``hint`` tells the way out)."""
     import timm
 
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise CliError(f'checkpoint not found: {args.checkpoint}')
-        return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-    cfg = timm.models.get_pretrained_cfg(args.model)
-    if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file):
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise CliError(f'checkpoint not found: {checkpoint}')
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+    cfg = timm.models.get_pretrained_cfg(name)
+    if random_weights:
+        reason = 'random weights asked for'
+    elif cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        reason = f'no pretrained weights are published for {name}'
+    else:
         try:
-            return timm.create_model(args.model, pretrained=True)
+            return timm.create_model(name, pretrained=True)
         except (RuntimeError, OSError) as e:  # offline, download refused, unreadable cached file
             reason = _one_line(e)
-    else:
-        reason = f'no pretrained weights are published for {args.model}'
-    if args.require_weights:
-        raise CliError(f'{reason} (--require-weights)')
-    print(f'mambavision predict: warning: {reason}; predicting with RANDOM weights '
-          f'(--checkpoint PATH loads a local file)', file=sys.stderr)
-    return timm.create_model(args.model)
+    if require_weights and not random_weights:
+        raise CliError(f'{reason} ({hint})')
+    print(f'mambavision {command}: warning: {reason}; using RANDOM weights ({hint})', file=sys.stderr)
+    return timm.create_model(name)
 
 
 def run_predict(args) -> int:
@@ -255,7 +260,9 @@ def run_predict(args) -> int:
     paths = args.images or [str(_sample_image())]
     for path in paths:  # fail before building the model
         _open_image(path, decode=False)
-    model = _build_predict_model(args).eval()
+    model = create_model_with_weights(
+        'predict', args.model, args.checkpoint, args.require_weights,
+        '--checkpoint PATH loads a local file; --require-weights refuses random weights').eval()
     transform = create_transform(**resolve_model_data_config(model))
     subset = infer_imagenet_subset(model)
     labels = ImageNetInfo(subset) if subset else None

@@ -11,7 +11,6 @@ size (odd and non-square included).
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -110,29 +109,9 @@ def add_arguments_export(parser: argparse.ArgumentParser):
     parser.add_argument('--img-size', type=int, metavar='S', help="image size S x S used for tracing and the check (default: the model's)")
 
 
-def _build_model(args):
-    """The model with the weights asked for: local file, else published weights (hub or cache), else random."""
-    import timm
-    from .cli import CliError, _one_line
-
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise CliError(f'checkpoint not found: {args.checkpoint}')
-        return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-    cfg = timm.models.get_pretrained_cfg(args.model)
-    if args.random_weights or cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        reason = '--random-weights' if args.random_weights else f'no pretrained weights are published for {args.model}'
-        print(f'mambavision export: note: {reason}; exporting RANDOM weights', file=sys.stderr)
-        return timm.create_model(args.model)
-    try:
-        return timm.create_model(args.model, pretrained=True)
-    except (RuntimeError, OSError) as e:  # offline, download refused, unreadable cached file
-        raise CliError(f'{_one_line(e)} (--checkpoint PATH exports a local file, --random-weights random weights)')
-
-
 def run_export(args) -> int:
     from timm.data import resolve_model_data_config
-    from .cli import CliError, check_model_name
+    from .cli import CliError, check_model_name, create_model_with_weights
 
     check_model_name(args.model)
     if args.opset < 17:
@@ -146,7 +125,9 @@ def run_export(args) -> int:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise CliError("ONNX export needs onnx and onnxruntime: pip install 'mambavision[onnx]'") from None
-    model = _build_model(args).eval()
+    model = create_model_with_weights(
+        'export', args.model, args.checkpoint, require_weights=True, random_weights=args.random_weights,
+        hint='--checkpoint PATH exports a local file, --random-weights random weights').eval()
     img_size = args.img_size or resolve_model_data_config(model)['input_size'][-1]
     start = time.time()
     export_onnx(model, args.output, img_size, opset=args.opset, dynamic=args.dynamic)

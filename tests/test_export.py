@@ -113,7 +113,7 @@ def test_export_command_end_to_end(tmp_path, capsys):
 def test_export_command_static_opset(tmp_path, capsys):
     out = tmp_path / 'static.onnx'
     assert main(['export', '--model', 'test_mambavision', '--output', str(out), '--no-dynamic',
-                 '--img-size', '48', '--opset', '18']) == 0
+                 '--img-size', '48', '--opset', '18', '--random-weights']) == 0
     captured = capsys.readouterr()
     assert 'RANDOM weights' in captured.err and 'fixed 1x3x48x48' in captured.out
     model = onnx.load(out)
@@ -138,3 +138,11 @@ def test_export_command_bad_input_is_one_line(tmp_path, capsys, argv, message):
 def test_export_command_unknown_model(tmp_path, capsys):
     assert main(['export', '--model', 'mambavision_tt', '--output', str(tmp_path / 'x.onnx')]) == 1
     assert 'unknown model' in capsys.readouterr().err
+
+
+def test_export_command_refuses_random_weights_unless_asked(tmp_path, capsys):
+    rc = main(['export', '--model', 'test_mambavision', '--output', str(tmp_path / 'm.onnx')])
+    captured = capsys.readouterr()
+    assert rc != 0 and not (tmp_path / 'm.onnx').exists()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and 'no pretrained weights are published' in lines[0] and '--random-weights' in lines[0]
