@@ -26,7 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import List
 
 import torch
 from torch import nn

@@ -7,3 +7,9 @@ from .ops.selective_scan import available_scan_backends, get_scan_backend, selec
 from .weights import checkpoint_filter_fn, read_state_dict
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'Attention', 'ConvBlock', 'Downsample', 'HybridBlock', 'MambaVision', 'MambaVisionMixer', 'MambaVisionStage',
+    'Stem', 'window_partition', 'window_reverse', 'available_scan_backends', 'get_scan_backend', 'selective_scan',
+    'set_scan_backend', 'checkpoint_filter_fn', 'read_state_dict',
+]

@@ -42,7 +42,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, random_seed
 
-from .weights import SAFE_GLOBALS, checkpoint_filter_fn, load_pretrained_file, read_state_dict
+from .weights import SAFE_GLOBALS, checkpoint_filter_fn, load_pretrained_file
 
 __all__ = [
     'add_arguments_train', 'run_train', 'add_arguments_validate', 'run_validate', 'resolve_config',
