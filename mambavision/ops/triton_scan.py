@@ -88,6 +88,25 @@ if HAS_TRITON:
         return z
 
     @triton.jit
+    def _channel_block(pid_d, n_ch, n_state, a_ptr, sa_d, sa_n, bias_ptr, skip_ptr,
+                       HAS_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's channel block: offsets and masks of channels and states, and its float32
+        A (BLOCK_D, BLOCK_N), delta bias and D (BLOCK_D,), zeros where absent."""
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < n_ch
+        mask_n = offs_n < n_state
+        a = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n,
+                    mask=mask_d[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        skip = tl.zeros((BLOCK_D,), tl.float32)
+        if HAS_SKIP:
+            skip = tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        return offs_d, offs_n, mask_d, mask_n, a, bias, skip
+
+    @triton.jit
     def _scan_fwd_kernel(
         u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, skip_ptr, bias_ptr, y_ptr, st_ptr,
         n_ch, seqlen, n_state,
@@ -101,20 +120,10 @@ if HAS_TRITON:
         states st (B, D, n_chunks, N) float32, contiguous."""
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_d, offs_n, mask_d, mask_n, a, bias, skip = _channel_block(
+            pid_d, n_ch, n_state, a_ptr, sa_d, sa_n, bias_ptr, skip_ptr, HAS_BIAS, HAS_SKIP, BLOCK_D, BLOCK_N)
         offs_l = tl.arange(0, BLOCK_L)
-        mask_d = offs_d < n_ch
-        mask_n = offs_n < n_state
         mask_dn = mask_d[:, None] & mask_n[None, :]
-
-        a = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_SKIP:
-            skip = tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
         u_row = u_ptr + pid_b * su_b + offs_d[:, None] * su_d
         dl_row = dl_ptr + pid_b * sdl_b + offs_d[:, None] * sdl_d
@@ -165,20 +174,10 @@ if HAS_TRITON:
         dA (B, D, N), dD (B, D), ddelta_bias (B, D), all contiguous."""
         pid_b = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_d, offs_n, mask_d, mask_n, a, bias, skip = _channel_block(
+            pid_d, n_ch, n_state, a_ptr, sa_d, sa_n, bias_ptr, skip_ptr, HAS_BIAS, HAS_SKIP, BLOCK_D, BLOCK_N)
         offs_l = tl.arange(0, BLOCK_L)
-        mask_d = offs_d < n_ch
-        mask_n = offs_n < n_state
         mask_dn = mask_d[:, None] & mask_n[None, :]
-
-        a = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros((BLOCK_D,), tl.float32)
-        if HAS_SKIP:
-            skip = tl.load(skip_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
         u_row = u_ptr + pid_b * su_b + offs_d[:, None] * su_d
         dl_row = dl_ptr + pid_b * sdl_b + offs_d[:, None] * sdl_d
