@@ -16,6 +16,7 @@ Any exception a command raises is printed as one line,
 Raise ``CliError`` for expected failures (bad input): its message is printed as is.
 """
 import argparse
+import contextlib
 import difflib
 import functools
 import importlib
@@ -110,6 +111,15 @@ def _resolve_device(name: Optional[str]):
     if name == 'cuda' and not torch.cuda.is_available():
         raise CliError('--device cuda: no CUDA device is available to this PyTorch (use --device cpu)')
     return torch.device(name)
+
+
+def amp_autocast(device_type: str, amp: Optional[str]):
+    """The context for ``--amp``: autocast to bf16 or fp16, or nothing when ``amp`` is None."""
+    import torch
+
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
 
 
 def _int_at_least(minimum: int):
@@ -299,7 +309,6 @@ def add_arguments_benchmark(parser: argparse.ArgumentParser):
 
 
 def run_benchmark(args) -> int:
-    import contextlib
 
     import timm
     import torch
@@ -319,11 +328,9 @@ def run_benchmark(args) -> int:
         x = x.contiguous(memory_format=torch.channels_last)
     if args.compile:
         model = torch.compile(model)
-    amp = (torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp])
-           if args.amp else contextlib.nullcontext())
     progress = functools.partial(tqdm, desc=f'benchmark {args.model}', unit='batch', file=sys.stderr, leave=False,
                                  disable=None)
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), amp_autocast(device.type, args.amp):
         times = time_calls(lambda: model(x), args.warmup, args.repeats, device, progress)
     latency = statistics.median(times)
     result = dict(

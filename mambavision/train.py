@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -42,6 +41,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, random_seed
 
+from .cli import amp_autocast
 from .weights import SAFE_GLOBALS, checkpoint_filter_fn, load_pretrained_file
 
 __all__ = [
@@ -330,12 +330,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------------
 # train
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    if amp is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
-
-
 def _build_model(config: Dict[str, Any], num_classes: int, pretrained: bool, pretrained_file: Optional[str]):
     kwargs = dict(config['architecture'], num_classes=num_classes)
     if config['train']['drop_path'] is not None:
@@ -362,7 +356,7 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = _progress(loader, rank, f'train {epoch}')
     for step, (x, y) in enumerate(bar):
-        with _autocast(device, amp):
+        with amp_autocast(device.type, amp):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -389,7 +383,7 @@ def evaluate(model, loader, device, amp, rank, desc='val') -> Dict[str, float]:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
     for x, y in _progress(loader, rank, desc):
-        with _autocast(device, amp):
+        with amp_autocast(device.type, amp):
             out = model(x)
         top1, top5 = accuracy(out.float(), y, topk=(1, min(5, out.shape[-1])))
         n = len(y)
