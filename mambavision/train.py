@@ -42,7 +42,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, random_seed
 
 from .cli import amp_autocast
-from .weights import SAFE_GLOBALS, checkpoint_filter_fn, load_pretrained_file
+from .weights import checkpoint_filter_fn, load_pretrained_file, read_checkpoint
 
 __all__ = [
     'add_arguments_train', 'run_train', 'add_arguments_validate', 'run_validate', 'resolve_config',
@@ -311,12 +311,9 @@ def save_checkpoint(state: Dict[str, Any], path: str):
 
 
 def load_checkpoint(path: str, model_name: Optional[str] = None) -> Dict[str, Any]:
-    """A checkpoint read with ``weights_only=True``; if it is one of ours, it must be of ``model_name``'s architecture."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    config = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    """A checkpoint read without running code; if it is one of ours, it must be of ``model_name``'s architecture."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get('config')
     arch = config.get('model') if isinstance(config, dict) else None  # published ones name their own classes
     if model_name and arch and split_model_name_tag(arch)[0] != split_model_name_tag(model_name)[0]:
         raise ValueError(f'checkpoint {path} was written for model {arch}, not {model_name}')

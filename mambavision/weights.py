@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-__all__ = ['read_state_dict', 'checkpoint_filter_fn', 'load_pretrained_file', 'resolve_weights_source', 'SAFE_GLOBALS']
+__all__ = ['read_checkpoint', 'read_state_dict', 'checkpoint_filter_fn', 'load_pretrained_file', 'resolve_weights_source', 'SAFE_GLOBALS']
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -75,8 +75,12 @@ def _read_error(e: Exception) -> str:
     return f'it is truncated, corrupt or not a weight file ({detail})'
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The weights in ``path`` (the ``state_dict`` entry of a training checkpoint), without running code."""
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The whole dict in weight or checkpoint file ``path``, read without running code.
+
+    A missing file raises ``FileNotFoundError``; an unsafe, truncated or corrupt one, or
+    one that holds no dict, a ``RuntimeError`` naming it, in one line.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'weight file not found: {path}')
@@ -90,10 +94,15 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise RuntimeError(f'cannot read weight file {path}: {_read_error(e)}') from None
     if not isinstance(checkpoint, dict):
         raise RuntimeError(f'weight file {path} holds a {type(checkpoint).__name__}, expected a dict of tensors')
+    return checkpoint
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The weights in ``path`` (the ``state_dict`` entry of a training checkpoint), without running code."""
+    checkpoint = read_checkpoint(path)
     for key in ('state_dict', 'model'):  # 'state_dict', not 'state_dict_ema': the published accuracies use it
         if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
+            return checkpoint[key]
     return checkpoint
 
 
