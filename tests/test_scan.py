@@ -1,4 +1,6 @@
 """Selective scan: the backends against an independent float64 loop, gradients, dtypes and backend selection."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,25 @@ def test_torch_backend_matches_reference_with_gradients(length, channels, use_d,
     for k in names:
         assert g_ref[k].abs().sum() > 0 or (k == 'A' and length == 1), k
         torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-4, msg=f'gradient of {k}')
+
+
+@pytest.mark.parametrize('length', [1, 13, 197])
+@pytest.mark.parametrize('layout', ['channels_first', 'tokens_first'])
+def test_torch_backend_inference_blocks_match_reference(length, layout, monkeypatch):
+    """Without autograd the sweep runs in blocks of time steps; any block size and input layout gives the same y.
+
+    'tokens_first' passes delta, B and C as transposed views of (batch, L, channels) tensors, as the mixer does.
+    """
+    scan_module = importlib.import_module('mambavision.ops.selective_scan')  # the module, not the function
+    x = _inputs(batch=3, channels=6, length=length, d_state=4, seed=length)
+    if layout == 'tokens_first':
+        for k in ('delta', 'B', 'C'):
+            x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
+    y_ref = selective_scan_ref(**x)
+    for block_elements in (1, 5 * 3 * 6 * 4, 2 ** 17):  # one step, five steps and all steps per block
+        monkeypatch.setattr(scan_module, '_BLOCK_ELEMENTS', block_elements)
+        with torch.inference_mode():
+            torch.testing.assert_close(selective_scan_torch(**x), y_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('backend', CPU_BACKENDS)

@@ -134,26 +134,27 @@ def selective_scan_torch(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
     still in cache; with autograd it is one block, swept by ``_LinearScan``.
     """
     with torch.autocast(u.device.type, enabled=False):
-        delta = delta.float().transpose(1, 2)  # (B, L, D)
+        delta = delta.float().transpose(1, 2).contiguous()  # (B, L, D); a strided layout would slow every op below
         if delta_bias is not None:
             delta = delta + delta_bias.float()
         if delta_softplus:
             delta = _softplus(delta)
         A = A.float()
         du = delta * u.float().transpose(1, 2)
-        B, C = B.float().transpose(1, 2).unsqueeze(2), C.float().transpose(1, 2).unsqueeze(2)  # (B, L, 1, N)
+        B = B.float().transpose(1, 2).contiguous().unsqueeze(2)  # (B, L, 1, N)
+        C = C.float().transpose(1, 2).contiguous().unsqueeze(-1)  # (B, L, N, 1)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (A, delta, du, B, C))
         length = delta.shape[1]
         step = length if grad else max(1, _BLOCK_ELEMENTS * torch.get_num_threads() // (delta.shape[0] * A.numel()))
         ys, h = [], None
         for t in range(0, length, step):
             a = torch.mul(delta[:, t:t + step, :, None], A).exp_()  # (B, T, D, N)
-            b = du[:, t:t + step, :, None] * B[:, t:t + step]
+            b = du[:, t:t + step, :, None] * B[:, t:t + step]  # (B, T, D, N)
             if h is not None:  # carry in the previous block's last state
                 b[:, 0].addcmul_(a[:, 0], h)
             states = _LinearScan.apply(a, b) if grad else _scan_(a, b)
             h = states[:, -1]
-            ys.append((states * C[:, t:t + step]).sum(-1))  # (B, T, D)
+            ys.append(torch.matmul(states, C[:, t:t + step]).squeeze(-1))  # (B, T, D)
         y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
         return _add_skip(y.transpose(1, 2), u, D)
 
