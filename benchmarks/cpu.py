@@ -1,4 +1,4 @@
-"""CPU inference benchmark: mambavision_t's scan backends x precisions x compile modes, and timm peers.
+"""CPU inference benchmark: mambavision_t's scan backends x precisions x inference paths, and timm peers.
 
 Every variant runs in this one process on the same input; variants are interleaved
 within each round (the order rotates per round), and each gets ``--warmup`` untimed
@@ -14,7 +14,7 @@ init (dt in [1e-3, 1e-1]) and BatchNorm statistics measured on two random batche
 against the reference-scan float32 model (for peers, against their own float32 run).
 
     python benchmarks/cpu.py --output cpu.md              # about 2-4 min on 2 idle cores
-    python benchmarks/cpu.py --compile --profile          # adds torch.compile variants and the scan's profiled share
+    python benchmarks/cpu.py --compile --profile          # adds compiled variants and the scan's profiled share
 """
 import argparse
 import copy
@@ -35,7 +35,7 @@ import timm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import mambavision  # noqa: E402  (registers the models)
-from mambavision.inference import cast_for_autocast, fuse_for_inference  # noqa: E402
+from mambavision.inference import optimize_for_inference  # noqa: E402
 from mambavision.model import MambaVisionMixer  # noqa: E402
 
 PEERS = ('convnext_tiny', 'swin_tiny_patch4_window7_224', 'resnet50')
@@ -76,25 +76,20 @@ def machine() -> str:
 
 
 class Variant:
-    def __init__(self, name: str, model: nn.Module, backend: str = None, bf16: bool = False,
-                 channels_last: bool = False, baseline: str = None):
-        self.name, self.model, self.backend, self.bf16 = name, model, backend, bf16
-        self.channels_last, self.baseline = channels_last, baseline
+    def __init__(self, name: str, model: nn.Module, backend: str = None, bf16: bool = False, baseline: str = None):
+        self.name, self.model, self.backend, self.bf16, self.baseline = name, model, backend, bf16, baseline
         self.times: List[float] = []
         self.out = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend:
             mambavision.set_scan_backend(self.backend)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=self.bf16):
             return self.model(x)
 
 
 def build_variants(args) -> List[Variant]:
     mv = realistic_init(timm.create_model('mambavision_t'))
-    fused = fuse_for_inference(copy.deepcopy(mv)).to(memory_format=torch.channels_last)
     base = 'mambavision_t reference fp32'
     vs = [Variant(base, mv, 'reference')]
     for backend in ('torch', 'reference'):
@@ -102,15 +97,11 @@ def build_variants(args) -> List[Variant]:
             name = f'mambavision_t {backend} {"bf16" if bf16 else "fp32"}'
             if name != base:
                 vs.append(Variant(name, mv, backend, bf16, baseline=base))
-    vs.append(Variant('mambavision_t torch bf16 +fused BN +channels_last', fused, 'torch', True, True, base))
-    best = cast_for_autocast(copy.deepcopy(fused))
-    vs.append(Variant('mambavision_t torch bf16 +fused BN +channels_last +bf16 weights', best, 'torch', True, True, base))
-    for mode in args.compile:
-        opts = dict(mode=None if mode == 'default' else mode, dynamic=False)
-        vs.append(Variant(f'mambavision_t torch fp32 +fused BN +channels_last +compile({mode})',
-                          torch.compile(fused, **opts), 'torch', False, True, base))
-        vs.append(Variant(f'mambavision_t torch bf16 +fused BN +channels_last +bf16 weights +compile({mode})',
-                          torch.compile(best, **opts), 'torch', True, True, base))
+    for compile in (False, True) if args.compile else (False,):
+        for dtype in (None, torch.bfloat16) if compile else (torch.bfloat16,):
+            fast = optimize_for_inference(copy.deepcopy(mv), dtype, compile)
+            vs.append(Variant(f'mambavision_t torch optimize_for_inference({"bf16" if dtype else "fp32"}'
+                              f'{", compile" if compile else ""})', fast, 'torch', baseline=base))
     for name in args.peers:
         peer = realistic_init(timm.create_model(name))
         vs.append(Variant(f'{name} fp32', peer, baseline=None))
@@ -174,14 +165,12 @@ def main():
     parser.add_argument('--repeats', type=int, default=5, help='timed rounds (median over them)')
     parser.add_argument('--warmup', type=int, default=1, help='untimed calls per variant and batch size')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
-    parser.add_argument('--compile', nargs='*', default=[], metavar='MODE',
-                        help="add torch.compile variants: 'default', 'max-autotune', ... (--compile alone: default)")
+    parser.add_argument('--compile', action='store_true',
+                        help='add optimize_for_inference(compile=True) variants (inductor with freezing)')
     parser.add_argument('--peers', nargs='*', default=list(PEERS), help='timm models to compare (none: --peers)')
     parser.add_argument('--profile', action='store_true', help="also report the scan's share of forward time")
     parser.add_argument('--output', help='also write the markdown report to this file')
     args = parser.parse_args()
-    if args.compile == [] and '--compile' in sys.argv:
-        args.compile = ['default']
     if args.threads:
         torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)

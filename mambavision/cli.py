@@ -113,13 +113,20 @@ def _resolve_device(name: Optional[str]):
     return torch.device(name)
 
 
+def amp_dtype(amp: Optional[str]):
+    """The torch dtype of ``--amp`` (bf16 or fp16), or None."""
+    import torch
+
+    return {None: None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
+
+
 def amp_autocast(device_type: str, amp: Optional[str]):
     """The context for ``--amp``: autocast to bf16 or fp16, or nothing when ``amp`` is None."""
     import torch
 
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[amp])
+    return torch.autocast(device_type, dtype=amp_dtype(amp))
 
 
 def _int_at_least(minimum: int):
@@ -301,6 +308,9 @@ def add_arguments_benchmark(parser: argparse.ArgumentParser):
     parser.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast to this dtype (default float32)')
     parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (warm-up includes compiling)')
+    parser.add_argument('--optimize', action='store_true',
+                        help='run mambavision.optimize_for_inference: BatchNorm folded, channels-last, weights in the '
+                             '--amp dtype; with --compile, inductor with freezing (the fastest CPU path)')
     parser.add_argument('--warmup', type=_int_at_least(0), default=5, metavar='N',
                         help='untimed batches first (default 5)')
     parser.add_argument('--repeats', type=_int_at_least(1), default=20, metavar='N',
@@ -323,11 +333,15 @@ def run_benchmark(args) -> int:
         model = timm.create_model(args.model).eval()
     img_size = args.img_size or model.pretrained_cfg['input_size'][-1]
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    if args.compile:
-        model = torch.compile(model)
+    if args.optimize:
+        from mambavision.inference import optimize_for_inference
+        model = optimize_for_inference(model, amp_dtype(args.amp), compile=args.compile)
+    else:
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        if args.compile:
+            model = torch.compile(model)
     progress = functools.partial(tqdm, desc=f'benchmark {args.model}', unit='batch', file=sys.stderr, leave=False,
                                  disable=None)
     with torch.inference_mode(), amp_autocast(device.type, args.amp):
@@ -337,7 +351,8 @@ def run_benchmark(args) -> int:
         model=args.model, device=device.type,
         device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine(),
         threads=torch.get_num_threads(), scan_backend=resolve_scan_backend(device.type),
-        batch_size=batch_size, img_size=img_size, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        batch_size=batch_size, img_size=img_size, amp=args.amp, channels_last=args.channels_last or args.optimize,
+        compile=args.compile, optimize=args.optimize,
         warmup=args.warmup, repeats=args.repeats,
         latency_ms=1e3 * latency, latency_ms_min=1e3 * min(times), latency_ms_max=1e3 * max(times),
         img_per_s=batch_size / latency, torch=torch.__version__,
@@ -348,7 +363,8 @@ def run_benchmark(args) -> int:
     where = result['device_name'] if device.type == 'cuda' else f"{result['device_name']}, {result['threads']} threads"
     print(f"{args.model} on {device.type} ({where}), scan {result['scan_backend']}: "
           f"batch {batch_size} x {img_size}x{img_size}, {args.amp or 'fp32'}"
-          f"{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}")
+          f"{', channels-last' if result['channels_last'] else ''}{', compiled' if args.compile else ''}"
+          f"{', optimize_for_inference' if args.optimize else ''}")
     print(f"  {result['img_per_s']:.1f} img/s, {result['latency_ms']:.2f} ms per batch "
           f"(median of {args.repeats}; min {result['latency_ms_min']:.2f}, max {result['latency_ms_max']:.2f})")
     return 0

@@ -7,14 +7,22 @@ eval mode, with fewer passes over the stride-4 and stride-8 maps.
 ``cast_for_autocast`` stores conv and linear weights in autocast's dtype, so that
 autocast stops re-casting all of them on every call (the same numbers: autocast
 rounds them the same way). The model then has to run under ``torch.autocast``.
+
+``optimize_for_inference`` does both, switches to channels_last and, optionally,
+compiles with inductor's freezing (weights become constants: oneDNN gets prepacked
+weights and fuses bias, GELU and BatchNorm into its matmuls and convs). It returns a
+module that takes ordinary float32 images, which is the fastest CPU path measured in
+``benchmarks/cpu.py``.
 """
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import ConvBlock, MambaVision, MambaVisionMixer, Stem
 
-__all__ = ['fuse_for_inference', 'cast_for_autocast']
+__all__ = ['fuse_for_inference', 'cast_for_autocast', 'optimize_for_inference', 'InferenceModel']
 
 _CONV_BN_PAIRS = {Stem: (('conv1', 'norm1'), ('conv2', 'norm2')), ConvBlock: (('conv1', 'norm1'), ('conv2', 'norm2'))}
 
@@ -48,3 +56,57 @@ def cast_for_autocast(model: MambaVision, dtype: torch.dtype = torch.bfloat16) -
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m not in keep:
             m.to(dtype)
     return model
+
+
+class InferenceModel(nn.Module):
+    """Runs a prepared model without autograd, on channels_last input, under autocast to ``dtype`` (None: off).
+
+    (B, C, H, W) float32 images -> what ``model`` returns, in ``dtype`` (float32 when ``dtype`` is None).
+    With ``compile``, inductor compiles it with freezing on the first call and on each new input shape.
+    """
+
+    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.compiled = compile
+        self._run = torch.compile(self._autocast_forward) if compile else self._autocast_forward
+
+    def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if not self.compiled:
+                return self._run(x)
+            # dynamo reads inductor's global freezing flag when it traces, and freezes only graphs traced with
+            # autograd off; torch.compile(options=dict(freezing=True)) would come too late to take effect
+            import torch._inductor.config as inductor_config
+            with inductor_config.patch(freezing=True):
+                return self._run(x)
+
+
+def optimize_for_inference(
+        model: MambaVision,
+        dtype: Optional[torch.dtype] = torch.bfloat16,
+        compile: bool = False,
+) -> InferenceModel:
+    """Fold BatchNorm, switch to channels_last, store weights in ``dtype`` and optionally compile, in place.
+
+    Args:
+        model: a MambaVision in eval mode; it is modified in place and wrapped.
+        dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``), or None for float32.
+        compile: ``torch.compile`` with inductor's freezing; the first call compiles (seconds to a minute),
+            and each new input shape compiles again. Later changes to the weights are not seen.
+
+    Returns:
+        An ``InferenceModel``: call it on float32 (B, C, H, W) images, no autocast or no_grad needed.
+    """
+    if dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f'dtype must be torch.bfloat16, torch.float16 or None (float32), got {dtype}')
+    fuse_for_inference(model).to(memory_format=torch.channels_last)
+    if dtype is not None:
+        cast_for_autocast(model, dtype)
+    return InferenceModel(model, dtype, compile)

@@ -183,6 +183,14 @@ def test_benchmark_text_amp_channels_last(capsys):
     assert 'bf16, channels-last' in out and re.search(r'[\d.]+ img/s, [\d.]+ ms per batch \(median of 2', out)
 
 
+def test_benchmark_optimize_for_inference(capsys):
+    argv = ['benchmark', '--model', 'test_mambavision', '--device', 'cpu', '--batch-size', '2', '--img-size', '32',
+            '--warmup', '0', '--repeats', '2', '--amp', 'bf16', '--optimize', '--json']
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['optimize'] and result['channels_last'] and result['amp'] == 'bf16' and result['latency_ms'] > 0
+
+
 def test_command_table_imports_lazily(tmp_path, monkeypatch, capsys):
     """A command is one table entry; its module is imported only when it runs."""
     (tmp_path / 'mv_hello_cmd.py').write_text(

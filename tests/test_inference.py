@@ -1,4 +1,4 @@
-"""fuse_for_inference: the same function with the conv -> BatchNorm pairs folded."""
+"""Inference rewrites: BatchNorm folding, weights stored for autocast, and optimize_for_inference (eager and frozen)."""
 import copy
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import mambavision  # noqa: F401
-from mambavision.inference import cast_for_autocast, fuse_for_inference
+from mambavision.inference import InferenceModel, cast_for_autocast, fuse_for_inference, optimize_for_inference
 
 
 def test_fuse_for_inference_matches_unfused():
@@ -43,3 +43,60 @@ def test_cast_for_autocast_gives_autocast_output():
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
         torch.testing.assert_close(cast(x), model(x))
+
+
+def _model_with_bn_statistics():
+    torch.manual_seed(0)
+    model = timm.create_model('test_mambavision').eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_optimize_for_inference_float32_is_the_same_function():
+    model = _model_with_bn_statistics()
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, dtype=None)
+    assert isinstance(fast, InferenceModel) and fast.model is model  # in place
+    assert model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    y = fast(x)
+    assert y.dtype == torch.float32 and not y.requires_grad
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_for_inference_bf16_runs_under_autocast():
+    model = _model_with_bn_statistics()
+    x = torch.randn(2, 3, 64, 48)
+    reference = cast_for_autocast(fuse_for_inference(copy.deepcopy(model))).to(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        expected = reference(x.contiguous(memory_format=torch.channels_last))
+    y = optimize_for_inference(model)(x)  # plain float32 NCHW input, no autocast or no_grad around the call
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+
+
+def test_optimize_for_inference_rejects_other_dtypes():
+    with pytest.raises(ValueError, match='dtype must be'):
+        optimize_for_inference(timm.create_model('test_mambavision').eval(), dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_compiles_with_freezing():
+    """Inductor compiles with freezing (oneDNN's fused bf16 linear ops run); logits within 3e-2 of float32."""
+    assert torch.backends.mkldnn.is_available()
+    torch._dynamo.reset()
+    model = _model_with_bn_statistics()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, compile=True)
+    fast(x)
+    with torch.profiler.profile() as prof:
+        y = fast(x)
+    assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}  # only with freezing
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
