@@ -12,6 +12,9 @@ from pathlib import Path
 os.environ['HF_HOME'] = tempfile.mkdtemp(prefix='mambavision-tests-hf-')
 atexit.register(shutil.rmtree, os.environ['HF_HOME'], True)
 os.environ.pop('HF_HUB_CACHE', None)
+# The C scan kernel is built into a fresh cache, so every run exercises the build and none reuses the machine's.
+os.environ['MAMBAVISION_CACHE'] = tempfile.mkdtemp(prefix='mambavision-tests-cache-')
+atexit.register(shutil.rmtree, os.environ['MAMBAVISION_CACHE'], True)
 
 import pytest  # noqa: E402
 import timm  # noqa: E402

@@ -1,5 +1,6 @@
 """Selective scan: the backends against an independent float64 loop, gradients, dtypes and backend selection."""
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import mambavision
 from mambavision.ops import selective_scan, selective_scan_ref, selective_scan_torch
+from mambavision.ops.cpu_scan import selective_scan_cpu
 
 CPU_BACKENDS = mambavision.available_scan_backends('cpu')
 
@@ -187,6 +189,8 @@ def test_mixer_runs_the_chosen_backend(backend, monkeypatch):
     assert len(calls) == 1
     args, kwargs, y = calls[0]
     kwargs = {k: v for k, v in kwargs.items() if k != 'backend'}
-    y_ref, y_torch = selective_scan_ref(*args, **kwargs), selective_scan_torch(*args, **kwargs)
-    assert not torch.equal(y_ref, y_torch), 'the backends must differ in rounding for this check to mean anything'
-    assert torch.equal(y, {'reference': y_ref, 'torch': y_torch}[backend])
+    functions = {'reference': selective_scan_ref, 'torch': selective_scan_torch, 'cpu_kernel': selective_scan_cpu}
+    outputs = {name: functions[name](*args, **kwargs) for name in CPU_BACKENDS}
+    for a, b in itertools.combinations(outputs.values(), 2):
+        assert not torch.equal(a, b), 'the backends must differ in rounding for this check to mean anything'
+    assert torch.equal(y, outputs[backend])

@@ -20,6 +20,8 @@ the dtype of ``u``. Backends:
 * ``reference``: sequential loop over time, the test oracle.
 * ``torch``: pure PyTorch, whole-tensor discretisation and readout around one in-place
   sweep over time (a reverse sweep in the backward). Default wherever no kernel applies.
+* ``cpu_kernel``: our C kernel of ``cpu_scan`` (forward; the backward is ``torch``'s), for
+  CPU tensors, when a C compiler on the machine could build it.
 * ``triton``: the Triton kernels of ``triton_scan``, for CUDA tensors, when Triton imports.
 * ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, for CUDA tensors, when it imports.
 
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 ENV_VAR = 'MAMBAVISION_SCAN'
-SCAN_BACKENDS = ('auto', 'reference', 'torch', 'triton', 'mamba_ssm')
+SCAN_BACKENDS = ('auto', 'reference', 'torch', 'cpu_kernel', 'triton', 'mamba_ssm')
 
 
 def _discretize(u, delta, A, B, delta_bias, delta_softplus):
@@ -220,6 +222,12 @@ def _triton_backend() -> Optional[Tuple[Callable, Callable]]:
     return (selective_scan_triton, backward) if HAS_TRITON else None
 
 
+def _cpu_kernel_backend() -> Optional[Tuple[Callable, Callable]]:
+    """(forward, backward) with our C kernel's forward and the torch backend's backward, or None without it."""
+    from .cpu_scan import load, selective_scan_cpu
+    return (selective_scan_cpu, _vjp_backward(selective_scan_torch)) if load() is not None else None
+
+
 _loaded: Dict[str, Optional[Tuple[Callable, Callable]]] = {}
 _forced: Optional[str] = None
 
@@ -235,6 +243,8 @@ def _load(name: str) -> Optional[Tuple[Callable, Callable]]:
             _loaded[name] = _mamba_ssm_backend()
         elif name == 'triton':
             _loaded[name] = _triton_backend()
+        elif name == 'cpu_kernel':
+            _loaded[name] = _cpu_kernel_backend()
         else:
             fn = {'reference': selective_scan_ref, 'torch': selective_scan_torch}[name]
             _loaded[name] = fn, _vjp_backward(fn)
@@ -263,7 +273,7 @@ def get_scan_backend() -> str:
 
 def available_scan_backends(device_type: str = 'cpu') -> list:
     """Backends that can run on tensors of ``device_type``, fastest first."""
-    names = ['mamba_ssm', 'triton'] if device_type == 'cuda' else []
+    names = ['mamba_ssm', 'triton'] if device_type == 'cuda' else ['cpu_kernel'] if device_type == 'cpu' else []
     return [n for n in names if _load(n) is not None] + ['torch', 'reference']
 
 

@@ -1,0 +1,121 @@
+/* Selective scan forward on CPU (mambavision.ops.cpu_scan builds and calls it).
+ *
+ * Layout (float32, contiguous): u, delta, y (batch, L, D); A (D, N); B, C (batch, L, N); D_skip and
+ * delta_bias (D,) or NULL. Per channel d and state n, with dt = softplus(delta + delta_bias):
+ *     h_t = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * u_t * B_t[n],   y_t = sum_n h_t[n] * C_t[n] + D_skip[d] * u_t
+ *
+ * Work item: one sequence and a group of LANES channels, whose N states stay in vector registers
+ * for the whole sweep over t. Written with GCC/Clang vector extensions, so that exp and log are
+ * vectorised whatever the target (AVX-512, AVX2, NEON); OpenMP splits the work items over threads.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+#define MAX_STATE 64
+
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+int mv_max_state(void) { return MAX_STATE; }
+
+static inline vf splat(float x) { return (vf){0} + x; }
+
+static inline vf select_mask(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* exp(x) to a few ulp: x = k ln2 + r, |r| <= ln2 / 2 (ln2 split in two for exactness), exp(r) by a
+   degree-7 polynomial, 2^k from the exponent bits. x is clamped to [-87, 88], inside float's normal range. */
+static inline vf exp_f32(vf x) {
+    x = select_mask(x < -87.0f, splat(-87.0f), x);
+    x = select_mask(x > 88.0f, splat(88.0f), x);
+    vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
+}
+
+/* log(x) for normal x >= 1 to a few ulp: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a
+   polynomial in f = m - 1. */
+static inline vf log_f32(vf x) {
+    vi bits = (vi)x;
+    vf e = __builtin_convertvector(((bits >> 23) & 0xff) - 127, vf);
+    vf m = (vf)((bits & 0x007fffff) | 0x3f800000);
+    vi big = m > 1.41421356f;
+    m = select_mask(big, m * 0.5f, m);
+    e = select_mask(big, e + 1.0f, e);
+    vf f = m - 1.0f, z = f * f;
+    vf p = splat(7.0376836292e-2f);
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    p = p * f * z - e * 2.12194440e-4f - 0.5f * z;
+    return f + p + e * 0.693359375f;
+}
+
+/* softplus(x) = log(1 + exp(x)), x itself above 20; the rounding lost in 1 + z is added back. */
+static inline vf softplus_f32(vf x) {
+    vi large = x > 20.0f;
+    vf z = exp_f32(select_mask(large, splat(20.0f), x));
+    vf w = 1.0f + z;
+    return select_mask(large, x, log_f32(w) + (z - (w - 1.0f)) / w);
+}
+
+/* The first w <= LANES floats at p, zeros after them. */
+static inline vf load(const float *p, int w) {
+    vf v = splat(0.0f);
+    if (w == LANES) { memcpy(&v, p, sizeof v); return v; }
+    memcpy(&v, p, sizeof(float) * (size_t)w);
+    return v;
+}
+
+/* One sequence, channels [d0, d0 + w). Pointers are at the sequence's start. */
+static void scan_group(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                       const float *D_skip, const float *delta_bias, int softplus, float *y,
+                       long length, long channels, long nstate, long d0, int w) {
+    vf a_neg[MAX_STATE], h[MAX_STATE];
+    for (long n = 0; n < nstate; n++) {
+        float column[LANES] = {0};
+        for (int k = 0; k < w; k++) column[k] = A[(d0 + k) * nstate + n];
+        memcpy(&a_neg[n], column, sizeof(vf));
+        h[n] = splat(0.0f);
+    }
+    vf bias = delta_bias ? load(delta_bias + d0, w) : splat(0.0f);
+    vf skip = D_skip ? load(D_skip + d0, w) : splat(0.0f);
+    for (long t = 0; t < length; t++) {
+        vf ut = load(u + t * channels + d0, w);
+        vf dt = load(delta + t * channels + d0, w) + bias;
+        if (softplus) dt = softplus_f32(dt);
+        vf du = dt * ut, out = skip * ut;
+        for (long n = 0; n < nstate; n++) {
+            h[n] = exp_f32(dt * a_neg[n]) * h[n] + du * B[t * nstate + n];
+            out += h[n] * C[t * nstate + n];
+        }
+        if (w == LANES) memcpy(y + t * channels + d0, &out, sizeof out);
+        else memcpy(y + t * channels + d0, &out, sizeof(float) * (size_t)w);
+    }
+}
+
+void mv_selective_scan_fwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                           const float *D_skip, const float *delta_bias, int softplus, float *y,
+                           long batch, long length, long channels, long nstate, int threads) {
+    long groups = (channels + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * groups; item++) {
+        long b = item / groups, d0 = (item % groups) * LANES;
+        int w = (int)(channels - d0 < LANES ? channels - d0 : LANES);
+        scan_group(u + b * length * channels, delta + b * length * channels, A, B + b * length * nstate,
+                   C + b * length * nstate, D_skip, delta_bias, softplus, y + b * length * channels,
+                   length, channels, nstate, d0, w);
+    }
+}
