@@ -20,8 +20,8 @@ the dtype of ``u``. Backends:
 * ``reference``: sequential loop over time, the test oracle.
 * ``torch``: pure PyTorch, whole-tensor discretisation and readout around one in-place
   sweep over time (a reverse sweep in the backward). Default wherever no kernel applies.
-* ``cpu_kernel``: our C kernel of ``cpu_scan`` (forward; the backward is ``torch``'s), for
-  CPU tensors, when a C compiler on the machine could build it.
+* ``cpu_kernel``: our C kernels of ``cpu_scan`` (forward and backward), for CPU tensors,
+  when a C compiler on the machine could build them.
 * ``triton``: the Triton kernels of ``triton_scan``, for CUDA tensors, when Triton imports.
 * ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, for CUDA tensors, when it imports.
 
@@ -223,9 +223,9 @@ def _triton_backend() -> Optional[Tuple[Callable, Callable]]:
 
 
 def _cpu_kernel_backend() -> Optional[Tuple[Callable, Callable]]:
-    """(forward, backward) with our C kernel's forward and the torch backend's backward, or None without it."""
-    from .cpu_scan import load, selective_scan_cpu
-    return (selective_scan_cpu, _vjp_backward(selective_scan_torch)) if load() is not None else None
+    """(forward, backward) on our C kernels, or None when they could not be built."""
+    from .cpu_scan import load, selective_scan_cpu, selective_scan_cpu_backward
+    return (selective_scan_cpu, selective_scan_cpu_backward) if load() is not None else None
 
 
 _loaded: Dict[str, Optional[Tuple[Callable, Callable]]] = {}

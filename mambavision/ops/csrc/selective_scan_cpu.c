@@ -1,4 +1,4 @@
-/* Selective scan forward on CPU (mambavision.ops.cpu_scan builds and calls it).
+/* Selective scan forward and backward on CPU (mambavision.ops.cpu_scan builds and calls them).
  *
  * Layout (float32, contiguous): u, delta, y (batch, L, D); A (D, N); B, C (batch, L, N); D_skip and
  * delta_bias (D,) or NULL. Per channel d and state n, with dt = softplus(delta + delta_bias):
@@ -9,6 +9,7 @@
  * vectorised whatever the target (AVX-512, AVX2, NEON); OpenMP splits the work items over threads.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 16
@@ -71,11 +72,34 @@ static inline vf softplus_f32(vf x) {
     return select_mask(large, x, log_f32(w) + (z - (w - 1.0f)) / w);
 }
 
+/* d softplus(x) / dx = 1 / (1 + exp(-x)). */
+static inline vf sigmoid_f32(vf x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+static inline float sum_lanes(vf v) {
+    float s = 0.0f;
+    for (int k = 0; k < LANES; k++) s += v[k];
+    return s;
+}
+
 /* The first w <= LANES floats at p, zeros after them. */
 static inline vf load(const float *p, int w) {
     vf v = splat(0.0f);
     if (w == LANES) { memcpy(&v, p, sizeof v); return v; }
     memcpy(&v, p, sizeof(float) * (size_t)w);
+    return v;
+}
+
+static inline void store(float *p, vf v, int w) {
+    if (w == LANES) memcpy(p, &v, sizeof v);
+    else memcpy(p, &v, sizeof(float) * (size_t)w);
+}
+
+/* The column n of A for channels [d0, d0 + w), zeros after them. */
+static inline vf load_column(const float *A, long nstate, long n, long d0, int w) {
+    float column[LANES] = {0};
+    for (int k = 0; k < w; k++) column[k] = A[(d0 + k) * nstate + n];
+    vf v;
+    memcpy(&v, column, sizeof v);
     return v;
 }
 
@@ -85,9 +109,7 @@ static void scan_group(const float *u, const float *delta, const float *A, const
                        long length, long channels, long nstate, long d0, int w) {
     vf a_neg[MAX_STATE], h[MAX_STATE];
     for (long n = 0; n < nstate; n++) {
-        float column[LANES] = {0};
-        for (int k = 0; k < w; k++) column[k] = A[(d0 + k) * nstate + n];
-        memcpy(&a_neg[n], column, sizeof(vf));
+        a_neg[n] = load_column(A, nstate, n, d0, w);
         h[n] = splat(0.0f);
     }
     vf bias = delta_bias ? load(delta_bias + d0, w) : splat(0.0f);
@@ -101,8 +123,7 @@ static void scan_group(const float *u, const float *delta, const float *A, const
             h[n] = exp_f32(dt * a_neg[n]) * h[n] + du * B[t * nstate + n];
             out += h[n] * C[t * nstate + n];
         }
-        if (w == LANES) memcpy(y + t * channels + d0, &out, sizeof out);
-        else memcpy(y + t * channels + d0, &out, sizeof(float) * (size_t)w);
+        store(y + t * channels + d0, out, w);
     }
 }
 
@@ -118,4 +139,91 @@ void mv_selective_scan_fwd(const float *u, const float *delta, const float *A, c
                    C + b * length * nstate, D_skip, delta_bias, softplus, y + b * length * channels,
                    length, channels, nstate, d0, w);
     }
+}
+
+/* Gradients of one sequence's channels [d0, d0 + w): du, ddelta (its rows), dA, dD and ddelta_bias (its
+   rows of per-sequence sums), and dB, dC (per-sequence, per-group partial sums, (L, N)). The forward
+   sweep is redone with every state kept in hist (L * N * LANES floats); the reverse sweep carries the adjoint
+   g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1} of each state. */
+static void scan_group_backward(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                                const float *D_skip, const float *delta_bias, int softplus, const float *dy,
+                                float *du, float *ddelta, float *dA, float *dB, float *dC, float *dD, float *dbias,
+                                float *hist, long length, long channels, long nstate, long d0, int w) {
+    vf a_neg[MAX_STATE], h[MAX_STATE], g[MAX_STATE], dA_sum[MAX_STATE];
+    for (long n = 0; n < nstate; n++) {
+        a_neg[n] = load_column(A, nstate, n, d0, w);
+        h[n] = g[n] = dA_sum[n] = splat(0.0f);
+    }
+    vf bias = delta_bias ? load(delta_bias + d0, w) : splat(0.0f);
+    vf skip = D_skip ? load(D_skip + d0, w) : splat(0.0f);
+    for (long t = 0; t < length; t++) {
+        vf dt = load(delta + t * channels + d0, w) + bias;
+        if (softplus) dt = softplus_f32(dt);
+        vf du_in = dt * load(u + t * channels + d0, w);
+        for (long n = 0; n < nstate; n++) {
+            h[n] = exp_f32(dt * a_neg[n]) * h[n] + du_in * B[t * nstate + n];
+            memcpy(hist + (t * nstate + n) * LANES, &h[n], sizeof(vf));
+        }
+    }
+    vf dskip_sum = splat(0.0f), dbias_sum = splat(0.0f);
+    for (long t = length - 1; t >= 0; t--) {
+        vf x = load(delta + t * channels + d0, w) + bias;
+        vf dt = softplus ? softplus_f32(x) : x;
+        vf ut = load(u + t * channels + d0, w), dyt = load(dy + t * channels + d0, w);
+        vf du_in = dt * ut, d_du_in = splat(0.0f), d_dt = splat(0.0f);
+        for (long n = 0; n < nstate; n++) {
+            vf h_t, h_prev = splat(0.0f);
+            memcpy(&h_t, hist + (t * nstate + n) * LANES, sizeof(vf));
+            if (t > 0) memcpy(&h_prev, hist + ((t - 1) * nstate + n) * LANES, sizeof(vf));
+            vf a = exp_f32(dt * a_neg[n]);
+            g[n] += dyt * C[t * nstate + n];
+            dC[t * nstate + n] = sum_lanes(dyt * h_t);
+            dB[t * nstate + n] = sum_lanes(g[n] * du_in);
+            d_du_in += g[n] * B[t * nstate + n];
+            vf d_exponent = g[n] * h_prev * a; /* d loss / d (dt * A) */
+            d_dt += d_exponent * a_neg[n];
+            dA_sum[n] += d_exponent * dt;
+            g[n] *= a;
+        }
+        d_dt += d_du_in * ut;
+        vf dx = softplus ? d_dt * sigmoid_f32(x) : d_dt;
+        store(du + t * channels + d0, d_du_in * dt + dyt * skip, w);
+        store(ddelta + t * channels + d0, dx, w);
+        dskip_sum += dyt * ut;
+        dbias_sum += dx;
+    }
+    for (long n = 0; n < nstate; n++)
+        for (int k = 0; k < w; k++) dA[(d0 + k) * nstate + n] = dA_sum[n][k];
+    if (dD) store(dD + d0, dskip_sum, w);
+    if (dbias) store(dbias + d0, dbias_sum, w);
+}
+
+/* Shapes as the forward's, dy like y; outputs du, ddelta (batch, L, D); dA (batch, D, N), dD and dbias
+   (batch, D) or NULL: per-sequence sums; dB, dC (batch, groups, L, N): per-group sums. Returns 0, or -1
+   when out of memory. */
+int mv_selective_scan_bwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                          const float *D_skip, const float *delta_bias, int softplus, const float *dy,
+                          float *du, float *ddelta, float *dA, float *dB, float *dC, float *dD, float *dbias,
+                          long batch, long length, long channels, long nstate, int threads) {
+    long groups = (channels + LANES - 1) / LANES;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(|| : failed)
+    {
+        float *hist = malloc(sizeof(vf) * (size_t)(length * nstate > 0 ? length * nstate : 1));
+        failed = hist == NULL;
+#pragma omp for schedule(static)
+        for (long item = 0; item < batch * groups; item++) {
+            if (!hist) continue;
+            long b = item / groups, d0 = (item % groups) * LANES;
+            int w = (int)(channels - d0 < LANES ? channels - d0 : LANES);
+            long seq = b * length * channels, seq_n = b * length * nstate;
+            scan_group_backward(u + seq, delta + seq, A, B + seq_n, C + seq_n, D_skip, delta_bias, softplus,
+                                dy + seq, du + seq, ddelta + seq, dA + b * channels * nstate,
+                                dB + item * length * nstate, dC + item * length * nstate,
+                                dD ? dD + b * channels : NULL, dbias ? dbias + b * channels : NULL,
+                                hist, length, channels, nstate, d0, w);
+        }
+        free(hist);
+    }
+    return failed ? -1 : 0;
 }
