@@ -92,7 +92,8 @@ def build_variants(args) -> List[Variant]:
     mv = realistic_init(timm.create_model('mambavision_t'))
     base = 'mambavision_t reference fp32'
     vs = [Variant(base, mv, 'reference')]
-    for backend in ('torch', 'reference'):
+    backends = mambavision.available_scan_backends('cpu')  # fastest first, 'reference' last
+    for backend in backends:
         for bf16 in (False, True):
             name = f'mambavision_t {backend} {"bf16" if bf16 else "fp32"}'
             if name != base:
@@ -100,8 +101,8 @@ def build_variants(args) -> List[Variant]:
     for compile in (False, True) if args.compile else (False,):
         for dtype in (None, torch.bfloat16) if compile else (torch.bfloat16,):
             fast = optimize_for_inference(copy.deepcopy(mv), dtype, compile)
-            vs.append(Variant(f'mambavision_t torch optimize_for_inference({"bf16" if dtype else "fp32"}'
-                              f'{", compile" if compile else ""})', fast, 'torch', baseline=base))
+            vs.append(Variant(f'mambavision_t {backends[0]} optimize_for_inference({"bf16" if dtype else "fp32"}'
+                              f'{", compile" if compile else ""})', fast, backends[0], baseline=base))
     for name in args.peers:
         peer = realistic_init(timm.create_model(name))
         vs.append(Variant(f'{name} fp32', peer, baseline=None))
