@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from .ops.selective_scan import selective_scan
-from .weights import checkpoint_filter_fn, load_pretrained_file, resolve_weights_source
+from .weights import checkpoint_filter_fn, load_pretrained_file, rename_published_keys_, resolve_weights_source
 
 __all__ = [
     'MambaVision', 'Stem', 'ConvBlock', 'Downsample', 'MambaVisionMixer', 'Attention', 'HybridBlock',
@@ -257,6 +257,11 @@ class MambaVisionStage(nn.Module):
         return x[:, :H, :W].permute(0, 3, 1, 2)
 
 
+def _accept_published_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a state dict in the published names is renamed to ours first."""
+    rename_published_keys_(state_dict, prefix)
+
+
 class MambaVision(nn.Module):
     """MambaVision classifier and backbone: (B, in_chans, H, W) -> (B, num_classes).
 
@@ -317,6 +322,7 @@ class MambaVision(nn.Module):
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(_accept_published_names)
 
     @staticmethod
     def _init_weights(m: nn.Module):

@@ -18,7 +18,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-__all__ = ['read_checkpoint', 'read_state_dict', 'checkpoint_filter_fn', 'load_pretrained_file', 'resolve_weights_source', 'SAFE_GLOBALS']
+__all__ = [
+    'read_checkpoint', 'read_state_dict', 'checkpoint_filter_fn', 'rename_published_keys_', 'load_pretrained_file',
+    'resolve_weights_source', 'SAFE_GLOBALS',
+]
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -43,6 +46,20 @@ def _published_to_ours(name: str) -> str:
         if n:
             return new
     return name
+
+
+def rename_published_keys_(state_dict: Dict[str, Any], prefix: str = '') -> None:
+    """In place: the published names of the tensors under ``prefix`` -> ours; a state dict of ours is left as is.
+
+    ``MambaVision`` runs it before every ``load_state_dict``, so a published state dict loads
+    directly, also through timm's ``create_model(..., checkpoint_path=...)``.
+    """
+    if prefix + 'stem.conv1.weight' in state_dict or prefix + 'patch_embed.conv_down.0.weight' not in state_dict:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = prefix + _published_to_ours(key[len(prefix):])
+        if name != key:
+            state_dict[name] = state_dict.pop(key)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:

@@ -115,3 +115,24 @@ def test_fixture_under_bf16_autocast(tiny):
         logits = model(tiny['input.1'])
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert _max_err(logits.float(), tiny['logits.1']) <= 0.03 * tiny['logits.1'].abs().max()
+
+
+def test_published_state_dict_loads_directly(tiny):
+    """model.load_state_dict takes the published names (also nested under a prefix) and gives the published outputs."""
+    model = tiny.create_model()
+    model.load_state_dict(tiny.state_dict)
+    wrapper = torch.nn.Sequential(tiny.create_model())
+    wrapper.load_state_dict({f'0.{k}': v for k, v in tiny.state_dict.items()})
+    for m in (model, wrapper):
+        with torch.no_grad():
+            assert _max_err(m(tiny['input.0']), tiny['logits.0']) <= TOL
+
+
+def test_fixture_through_timm_checkpoint_path(tiny, tmp_path):
+    """timm's own checkpoint_path loads a published .pth.tar; as timm does, it takes state_dict_ema when present."""
+    path = tmp_path / 'published.pth.tar'
+    perturbed = {k: v + 1 if v.is_floating_point() else v for k, v in tiny.state_dict.items()}
+    torch.save({'state_dict': perturbed, 'state_dict_ema': tiny.state_dict, 'epoch': 299}, path)
+    model = timm.create_model('test_mambavision', checkpoint_path=str(path), **tiny.arch).eval()
+    with torch.no_grad():
+        assert _max_err(model(tiny['input.1']), tiny['logits.1']) <= TOL
