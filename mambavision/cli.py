@@ -154,7 +154,7 @@ def run_info(args) -> int:
     import timm
     import torch
     import mambavision
-    from mambavision.ops import available_scan_backends, resolve_scan_backend
+    from mambavision.ops import available_scan_backends, cpu_scan, resolve_scan_backend
 
     def backend(device_type):
         try:
@@ -164,7 +164,8 @@ def run_info(args) -> int:
 
     cuda = torch.cuda.is_available()
     devices = {'cpu': {'threads': torch.get_num_threads(), 'scan_backend': backend('cpu'),
-                       'scan_backends_available': available_scan_backends('cpu')}}
+                       'scan_backends_available': available_scan_backends('cpu'),
+                       'cpu_kernel': 'built' if cpu_scan.load() is not None else f'not built: {cpu_scan.build_error}'}}
     if cuda:
         devices['cuda'] = {'name': torch.cuda.get_device_name(0), 'count': torch.cuda.device_count(),
                            'scan_backend': backend('cuda'), 'scan_backends_available': available_scan_backends('cuda')}
@@ -192,8 +193,9 @@ def run_info(args) -> int:
           f"triton {v['triton'] or 'not installed'})")
     for device_type, d in devices.items():
         what = d['name'] if device_type == 'cuda' else f"{d['threads']} threads"
+        kernel = f"; cpu_kernel {d['cpu_kernel']}" if d.get('cpu_kernel', 'built') != 'built' else ''
         print(f"{device_type:5s} {what}: scan backend {d['scan_backend']} "
-              f"(available: {', '.join(d['scan_backends_available'])})")
+              f"(available: {', '.join(d['scan_backends_available'])}{kernel})")
     if not cuda:
         print('cuda  not available')
     print(f"\n{'model':20s} {'params':>9s} {'input':>7s} {'GMACs':>8s}  pretrained tags")

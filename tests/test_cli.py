@@ -1,4 +1,5 @@
 """The ``mambavision`` command line: info, predict, benchmark, errors and the command table."""
+import importlib
 import json
 import os
 import re
@@ -59,6 +60,8 @@ def test_entry_point_info_json():
     assert report['versions']['mambavision'] == mambavision.__version__
     assert report['versions']['torch'] == torch.__version__ and report['versions']['timm'] == timm.__version__
     assert report['devices']['cpu']['scan_backend'] == mambavision.ops.resolve_scan_backend('cpu')
+    built = importlib.import_module('mambavision.ops.cpu_scan').load() is not None
+    assert (report['devices']['cpu']['cpu_kernel'] == 'built') == built
     models = {m['name']: m for m in report['models']}
     assert sorted(models) == sorted(timm.list_models('mambavision*')) and len(models) == 9
     assert models['mambavision_t']['params'] == sum(p.numel() for p in timm.create_model('mambavision_t').parameters())

@@ -142,6 +142,7 @@ def fresh_build(tmp_path, monkeypatch):
     """A not-yet-tried build into an empty cache; the module's state comes back afterwards."""
     monkeypatch.setattr(cpu_scan, '_tried', False)
     monkeypatch.setattr(cpu_scan, '_library', None)
+    monkeypatch.setattr(cpu_scan, 'build_error', None)
     monkeypatch.setitem(scan_module._loaded, 'cpu_kernel', None)
     del scan_module._loaded['cpu_kernel']
     monkeypatch.setenv(cpu_scan.CACHE_ENV_VAR, str(tmp_path / 'cache'))
@@ -151,11 +152,22 @@ def fresh_build(tmp_path, monkeypatch):
 def test_without_a_compiler_the_torch_backend_runs(fresh_build, monkeypatch):
     monkeypatch.setenv('CC', str(fresh_build / 'no-such-compiler'))
     assert cpu_scan.load() is None
+    assert 'no-such-compiler' in cpu_scan.build_error  # what `mambavision info` shows
     assert mambavision.available_scan_backends('cpu') == ['torch', 'reference']
     x = _inputs(batch=1, channels=4, length=5, d_state=2, seed=1)
     assert torch.equal(selective_scan(**x), selective_scan_torch(**x))
-    with pytest.raises(RuntimeError, match='could not be built'):
+    with pytest.raises(RuntimeError, match='could not be built .*no-such-compiler'):
         selective_scan_cpu(**x)
+
+
+@needs_kernel
+def test_a_failing_compiler_is_reported_in_one_line(fresh_build, monkeypatch):
+    broken = fresh_build / 'broken.h'
+    broken.write_text('int broken = ;\n')
+    monkeypatch.setenv('CC', f'{shutil.which("cc") or "gcc"} -include {broken}')
+    assert cpu_scan.load() is None
+    assert 'could not build it' in cpu_scan.build_error and 'error' in cpu_scan.build_error
+    assert '\n' not in cpu_scan.build_error
 
 
 @needs_kernel

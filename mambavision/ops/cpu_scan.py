@@ -41,6 +41,7 @@ _FLAG_SETS = (('-O3', '-march=native', '-fopenmp'), ('-O3', '-march=native'), ('
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _tried = False
+build_error: Optional[str] = None  # why ``load()`` returned None, in one line
 
 
 def _compiler() -> Optional[List[str]]:
@@ -65,28 +66,35 @@ def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / '.cache' / 'mambavision')
 
 
-def _build(compiler: List[str]) -> Optional[ctypes.CDLL]:
-    """Compile (or find in the cache) and load the library with the first flag set that works."""
+def _build(compiler: List[str]) -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the library with the first flag set that works.
+
+    Raises ``RuntimeError`` with the compiler's first error line when no flag set works.
+    """
     source = SOURCE.read_bytes()
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    error = 'no flag set worked'
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b'\0'.join(x.encode() for x in [*compiler, *flags, _cpu_id()]) + source)
         target = cache / f'selective_scan_cpu-{key.hexdigest()[:16]}.so'
         if not target.exists():
             partial = target.with_name(f'.{target.name}.{os.getpid()}')
             try:
-                done = subprocess.run([*compiler, *flags, '-std=c99', '-shared', '-fPIC', str(SOURCE), '-o', str(partial)],
-                                      capture_output=True, timeout=120).returncode == 0
-                if done:
+                result = subprocess.run(
+                    [*compiler, *flags, '-std=c99', '-shared', '-fPIC', str(SOURCE), '-o', str(partial)],
+                    capture_output=True, text=True, timeout=120)
+                if result.returncode == 0:
                     os.replace(partial, target)
             finally:
                 partial.unlink(missing_ok=True)
-            if not done:
+            if result.returncode != 0:
+                error = next((line for line in result.stderr.splitlines() if 'error' in line), error)
                 continue
         try:
             library = ctypes.CDLL(str(target))
-        except OSError:
+        except OSError as e:
+            error = str(e)
             continue
         pointer, long = ctypes.c_void_p, ctypes.c_long
         library.mv_selective_scan_fwd.argtypes = [pointer] * 7 + [ctypes.c_int, pointer] + [long] * 4 + [ctypes.c_int]
@@ -95,20 +103,22 @@ def _build(compiler: List[str]) -> Optional[ctypes.CDLL]:
         library.mv_selective_scan_bwd.restype = ctypes.c_int
         library.mv_max_state.restype = ctypes.c_int
         return library
-    return None
+    raise RuntimeError(f'{" ".join(compiler)} could not build it: {error}')
 
 
 def load() -> Optional[ctypes.CDLL]:
-    """The kernel library, built on the first call; None when no compiler can build it (tried once)."""
-    global _library, _tried
+    """The kernel library, built on the first call; None when it cannot be built (tried once: see ``build_error``)."""
+    global _library, _tried, build_error
     with _lock:
         if not _tried:
             _tried = True
             compiler = _compiler()
             try:
-                _library = _build(compiler) if compiler else None
-            except (OSError, subprocess.SubprocessError):  # unwritable cache, compiler that hangs or vanished
-                _library = None
+                if compiler is None:
+                    raise RuntimeError('no C compiler found (set $CC, or install gcc or clang)')
+                _library = _build(compiler)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # also: unwritable cache, hung compiler
+                _library, build_error = None, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return _library
 
 
@@ -116,7 +126,7 @@ def _library_for(nstate: int) -> Optional[ctypes.CDLL]:
     """The library, or None when ``nstate`` exceeds the states a kernel holds (``mv_max_state()``, 64)."""
     library = load()
     if library is None:
-        raise RuntimeError('the CPU scan kernel could not be built (no working C compiler); use the torch backend')
+        raise RuntimeError(f'the CPU scan kernel could not be built ({build_error}); use the torch backend')
     return library if nstate <= library.mv_max_state() else None
 
 
