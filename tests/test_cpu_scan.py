@@ -50,25 +50,6 @@ def test_kernel_matches_reference(channels, length, d_state):
 
 
 @needs_kernel
-@pytest.mark.parametrize('use_d, use_bias, softplus', [(False, False, True), (True, False, False), (False, True, False)])
-def test_kernel_optional_inputs(use_d, use_bias, softplus):
-    x = _inputs(batch=3, channels=21, length=33, d_state=4, seed=7, tokens_first=True)
-    x['delta'] = x['delta'].abs() if not softplus else x['delta']
-    x['D'] = x['D'] if use_d else None
-    x['delta_bias'] = x['delta_bias'] if use_bias else None
-    torch.testing.assert_close(selective_scan_cpu(**x, delta_softplus=softplus),
-                               selective_scan_ref(**x, delta_softplus=softplus), rtol=1e-5, atol=1e-5)
-
-
-@needs_kernel
-def test_kernel_softplus_at_extremes():
-    """delta + bias from -60 to 60: softplus's exp tail, its linear range above 20, and decays that reach 0."""
-    x = _inputs(batch=2, channels=18, length=40, d_state=8, seed=3, delta_scale=25.0)
-    assert x['delta'].max() > 25 and x['delta'].min() < -40
-    torch.testing.assert_close(selective_scan_cpu(**x), selective_scan_ref(**x), rtol=1e-5, atol=1e-5)
-
-
-@needs_kernel
 def test_kernel_result_does_not_depend_on_threads():
     x = _inputs(batch=3, channels=50, length=31, d_state=8, seed=5)
     threads = torch.get_num_threads()
@@ -81,12 +62,6 @@ def test_kernel_result_does_not_depend_on_threads():
         torch.set_num_threads(threads)
 
 
-@needs_kernel
-def test_state_beyond_the_kernel_runs_the_torch_backend():
-    x = _inputs(batch=1, channels=5, length=9, d_state=cpu_scan.load().mv_max_state() + 1, seed=11)
-    assert torch.equal(selective_scan_cpu(**x), selective_scan_torch(**x))
-
-
 def _gradients(x, backend, softplus=True):
     """y and the gradient of every input through the op with ``backend``, for a fixed random output gradient."""
     leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
@@ -95,46 +70,47 @@ def _gradients(x, backend, softplus=True):
     return y.detach(), {k: v.grad for k, v in leaves.items()}
 
 
+def _assert_kernels_match(x, reference='reference', softplus=True, exact=False):
+    """Output and every gradient through the op: cpu_kernel against ``reference``."""
+    (y, g), (y_ref, g_ref) = _gradients(x, 'cpu_kernel', softplus), _gradients(x, reference, softplus)
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    assert set(g) == set(g_ref) == {k for k, v in x.items() if v is not None}
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], **(tolerance if exact else dict(rtol=1e-4, atol=1e-4)),
+                                   msg=f'gradient of {k}')
+
+
 @needs_kernel
 @pytest.mark.parametrize('channels, length, d_state', [(1, 1, 1), (16, 2, 8), (19, 23, 4), (37, 64, 16), (5, 197, 8)])
 def test_backward_kernel_matches_reference(channels, length, d_state):
-    """The op's backward runs our backward kernel; every gradient against the sequential reference's."""
-    x = _inputs(batch=2, channels=channels, length=length, d_state=d_state, seed=channels + length + d_state)
-    y, g = _gradients(x, 'cpu_kernel')
-    y_ref, g_ref = _gradients(x, 'reference')
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    assert set(g) == set(g_ref) == set(x)
-    for k in x:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-4, msg=f'gradient of {k}')
+    """The op's forward and backward run our kernels; output and every gradient against the sequential reference."""
+    _assert_kernels_match(_inputs(batch=2, channels=channels, length=length, d_state=d_state,
+                                  seed=channels + length + d_state))
 
 
 @needs_kernel
 @pytest.mark.parametrize('use_d, use_bias, softplus', [(False, False, True), (True, False, False), (False, True, False)])
-def test_backward_kernel_optional_inputs(use_d, use_bias, softplus):
+def test_kernels_with_optional_inputs(use_d, use_bias, softplus):
     x = _inputs(batch=3, channels=21, length=17, d_state=4, seed=9, tokens_first=True)
     x['delta'] = x['delta'].abs() if not softplus else x['delta']
     x['D'] = x['D'] if use_d else None
     x['delta_bias'] = x['delta_bias'] if use_bias else None
-    (y, g), (y_ref, g_ref) = _gradients(x, 'cpu_kernel', softplus), _gradients(x, 'reference', softplus)
-    assert set(g) == set(g_ref)
-    for k in g:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-4, msg=f'gradient of {k}')
+    _assert_kernels_match(x, softplus=softplus)
 
 
 @needs_kernel
-def test_backward_kernel_softplus_at_extremes():
+def test_kernels_with_softplus_at_extremes():
+    """delta + bias from -60 to 60: softplus's exp tail, its linear range above 20, and decays that reach 0."""
     x = _inputs(batch=2, channels=18, length=40, d_state=8, seed=4, delta_scale=25.0)
-    (_, g), (_, g_ref) = _gradients(x, 'cpu_kernel'), _gradients(x, 'reference')
-    for k in x:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-4, atol=1e-4, msg=f'gradient of {k}')
+    assert x['delta'].max() > 25 and x['delta'].min() < -40
+    _assert_kernels_match(x)
 
 
 @needs_kernel
-def test_backward_beyond_the_kernel_runs_the_torch_backend():
+def test_states_beyond_the_kernel_run_the_torch_backend():
     x = _inputs(batch=1, channels=5, length=9, d_state=cpu_scan.load().mv_max_state() + 1, seed=12)
-    (_, g), (_, g_ref) = _gradients(x, 'cpu_kernel'), _gradients(x, 'torch')
-    for k in x:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=0, atol=0, msg=f'gradient of {k}')
+    _assert_kernels_match(x, reference='torch', exact=True)
 
 
 @pytest.fixture
