@@ -8,7 +8,7 @@ import torch
 
 import mambavision  # noqa: F401
 from mambavision.cli import main
-from mambavision.export import export_onnx, max_onnx_difference, onnx_session
+from mambavision.export import INPUT_NAME, export_onnx, max_onnx_difference, onnx_session
 
 REL_TOL = 1e-4
 
@@ -65,6 +65,20 @@ def test_onnx_graph_is_standard_ops_with_dynamic_axes(exported_test_model):
     assert {node.domain for node in graph.node} <= {'', 'ai.onnx'}  # no custom op left
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ['batch', 3, 'height', 'width']
+
+
+def test_default_exporter_also_works(tmp_path):
+    """Plain ``torch.onnx.export`` (the dynamo-based exporter in recent torch): dynamic H, W at odd sizes too.
+
+    The example batch is 2: torch 2.9.1's exporter fixes a batch of 1 in the graph (2.14.1's does not).
+    """
+    model = _model()
+    path = tmp_path / 'default.onnx'
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=[INPUT_NAME],
+                      dynamic_axes={INPUT_NAME: {0: 'batch', 2: 'height', 3: 'width'}})
+    session = onnx_session(path, threads=1)
+    for shape in [(2, 3, 64, 64), (3, 3, 61, 75)]:
+        assert _rel_difference(session, model, shape) < REL_TOL, shape
 
 
 def test_static_export_fixes_the_shape(tmp_path):
