@@ -28,14 +28,15 @@ Sections, cheap and essential first:
 3. ``inference``: images/s of each model (``--models``) x backend at batch 128, 224x224,
    bf16 autocast, channels-last, under ``inference_mode``: the median of ``repeats`` batches
    timed with CUDA events after ``warmup`` batches, and the peak memory allocated; eager,
-   then ``torch.compile``. A model is compiled once (a ``compile`` row, run with the
-   ``torch`` scan): the scan op picks its backend when it runs, so the compiled graph serves
-   every backend through ``set_scan_backend``.
+   then ``torch.compile``, and for the first model ``optimize_for_inference`` (mode ``optimize``:
+   BatchNorm folded into the convs, bf16 weights, compiled with inductor's freezing). A model is
+   compiled once (a ``compile`` row, run with the ``torch`` scan): the scan op picks its backend
+   when it runs, so the compiled graph serves every backend through ``set_scan_backend``.
 4. ``train``: one AdamW step (forward, cross-entropy, backward, step) under bf16 autocast,
    channels-last, for each backend and ``--train-models``, eager and compiled: time and peak memory.
 
-Timings run eager (inference, then train), then compiled: the first model's inference, the
-training step, the other models' inference.
+Timings run eager (inference, then train), then compiled: the first model's inference (compile,
+then optimize), the training step, the other models' inference.
 
 ``--device cpu --smoke`` runs every path on ``test_mambavision`` at 64x64 with tiny shapes
 and compiles with the ``aot_eager`` backend (Dynamo and AOTAutograd, without Inductor's C++
@@ -68,6 +69,7 @@ import timm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import mambavision  # noqa: E402  (registers the models)
 from mambavision.model import MambaVisionMixer  # noqa: E402
+from mambavision.inference import optimize_for_inference  # noqa: E402
 from mambavision.ops import available_scan_backends, selective_scan, selective_scan_ref, set_scan_backend  # noqa: E402
 from mambavision.timing import time_calls  # noqa: E402
 
@@ -375,25 +377,31 @@ def first_call(fn: Callable[[], object], device: torch.device) -> dict:
     return dict(compile_s=time.perf_counter() - start)
 
 
-def timing_section(rec: Recorder, section: str, names: List[str], backends: List[str], compiled: bool, s: dict):
-    """Rows of ``section`` ('inference' or 'train') for every model x backend, eager or compiled."""
+def timing_section(rec: Recorder, section: str, names: List[str], backends: List[str], mode: str, s: dict):
+    """Rows of ``section`` ('inference' or 'train') for every model x backend.
+
+    ``mode``: 'eager', 'compile' (torch.compile of the model) or, for inference, 'optimize'
+    (``optimize_for_inference``: BatchNorm folded, bf16 weights, compiled with inductor's freezing).
+    """
     train = section == 'train'
     warmup, repeats = (s['train_warmup'], s['train_repeats']) if train else (s['warmup'], s['repeats'])
     device, batch, img_size = rec.device, s['batch_size'], s['img_size']
-    mode = 'compile' if compiled else 'eager'
     for name in names:
         torch._dynamo.reset()  # the variants share MambaVision.forward: keep their compiled code apart
         base = dict(model=name, mode=mode, batch=batch, img_size=img_size)
         try:
             model = build(name, device, train)
             params = list(model.parameters())
-            if compiled:
+            if mode == 'compile':
                 model = torch.compile(model, backend=s['compile_backend'])
+            elif mode == 'optimize':
+                model = optimize_for_inference(model, torch.bfloat16, compile=True,
+                                               compile_options=dict(backend=s['compile_backend']))
             step = (train_fn(model, params, batch, img_size, device) if train
                     else inference_fn(model, batch, img_size, device))
         except Exception as e:  # building the model or its input failed: every backend's row says why
             step, error = None, _error(e)
-        if compiled and step is not None:
+        if mode != 'eager' and step is not None:
             row = rec.run('compile', dict(base, section=section, compile_backend=s['compile_backend']),
                           lambda: first_call(step, device), kind='compile')
             if 'compile_s' not in row:
@@ -556,11 +564,12 @@ def main(argv=None) -> int:
 
     torch.backends.cudnn.benchmark = s['cudnn_benchmark']
     models, train_models = s['models'], s['train_models']
-    jobs = [('inference', models, False), ('train', train_models, False)]
+    jobs = [('inference', models, 'eager'), ('train', train_models, 'eager')]
     if s['compile']:  # the larger models' compiled inference last: the first thing a short budget drops
-        jobs += [('inference', models[:1], True), ('train', train_models, True), ('inference', models[1:], True)]
-    for section, names, compiled in jobs:
-        timing_section(rec, section, names, backends, compiled, s)
+        jobs += [('inference', models[:1], 'compile'), ('inference', models[:1], 'optimize'),
+                 ('train', train_models, 'compile'), ('inference', models[1:], 'compile')]
+    for section, names, mode in jobs:
+        timing_section(rec, section, names, backends, mode, s)
     report['finished'] = True
     rec.save()
     table = markdown(report)

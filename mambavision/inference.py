@@ -65,12 +65,14 @@ class InferenceModel(nn.Module):
     With ``compile``, inductor compiles it with freezing on the first call and on each new input shape.
     """
 
-    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False):
+    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False,
+                 compile_options: Optional[dict] = None):
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.compiled = compile
-        self._run = torch.compile(self._autocast_forward) if compile else self._autocast_forward
+        self._run = torch.compile(self._autocast_forward, **(compile_options or {})) if compile \
+            else self._autocast_forward
 
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -92,6 +94,7 @@ def optimize_for_inference(
         model: MambaVision,
         dtype: Optional[torch.dtype] = torch.bfloat16,
         compile: bool = False,
+        compile_options: Optional[dict] = None,
 ) -> InferenceModel:
     """Fold BatchNorm, switch to channels_last, store weights in ``dtype`` and optionally compile, in place.
 
@@ -100,6 +103,8 @@ def optimize_for_inference(
         dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``), or None for float32.
         compile: ``torch.compile`` with inductor's freezing; the first call compiles (seconds to a minute),
             and each new input shape compiles again. Later changes to the weights are not seen.
+        compile_options: more ``torch.compile`` arguments, e.g. ``dict(mode='max-autotune')`` (on CUDA it
+            adds CUDA graphs).
 
     Returns:
         An ``InferenceModel``: call it on float32 (B, C, H, W) images, no autocast or no_grad needed.
@@ -109,4 +114,4 @@ def optimize_for_inference(
     fuse_for_inference(model).to(memory_format=torch.channels_last)
     if dtype is not None:
         cast_for_autocast(model, dtype)
-    return InferenceModel(model, dtype, compile)
+    return InferenceModel(model, dtype, compile, compile_options)

@@ -80,15 +80,14 @@ def test_smoke_correctness_rows_pass(smoke):
 
 def test_smoke_timings_cover_every_mode_and_backend(smoke):
     report, stdout, out = smoke
-    for section in ('inference', 'train'):
+    for section, modes in (('inference', ('eager', 'compile', 'optimize')), ('train', ('eager', 'compile'))):
         rows = report[section]
-        assert {(r['mode'], r['backend']) for r in rows} == {
-            (m, b) for m in ('eager', 'compile') for b in ('torch', 'reference')}
+        assert {(r['mode'], r['backend']) for r in rows} == {(m, b) for m in modes for b in ('torch', 'reference')}
         for row in rows:
             assert 'error' not in row and 'skipped' not in row, row
             assert 0 < row['ms_min'] <= row['ms'] <= row['ms_max'] and row['img_per_s'] > 0, row
             assert row['repeats'] == 2 and row['peak_mem_gib'] is None  # memory is only tracked on CUDA
-    assert sorted(r['section'] for r in report['compile']) == ['inference', 'train']
+    assert sorted(r['section'] for r in report['compile']) == ['inference', 'inference', 'train']
     assert all(r['compile_s'] > 0 and r['compile_backend'] == 'aot_eager' for r in report['compile'])
     # the markdown table comes last on stdout, and is written beside the JSON
     lines = stdout.strip().splitlines()
