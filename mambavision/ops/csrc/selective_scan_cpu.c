@@ -103,9 +103,10 @@ static inline vf load_column(const float *A, long nstate, long n, long d0, int w
     return v;
 }
 
-/* One sequence, channels [d0, d0 + w). Pointers are at the sequence's start. */
+/* One sequence, channels [d0, d0 + w). Pointers are at the sequence's start. Writes y unless it is NULL,
+   and every state h_t into hist (L * N * LANES floats) unless that is NULL. */
 static void scan_group(const float *u, const float *delta, const float *A, const float *B, const float *C,
-                       const float *D_skip, const float *delta_bias, int softplus, float *y,
+                       const float *D_skip, const float *delta_bias, int softplus, float *y, float *hist,
                        long length, long channels, long nstate, long d0, int w) {
     vf a_neg[MAX_STATE], h[MAX_STATE];
     for (long n = 0; n < nstate; n++) {
@@ -122,8 +123,9 @@ static void scan_group(const float *u, const float *delta, const float *A, const
         for (long n = 0; n < nstate; n++) {
             h[n] = exp_f32(dt * a_neg[n]) * h[n] + du * B[t * nstate + n];
             out += h[n] * C[t * nstate + n];
+            if (hist) memcpy(hist + (t * nstate + n) * LANES, &h[n], sizeof(vf));
         }
-        store(y + t * channels + d0, out, w);
+        if (y) store(y + t * channels + d0, out, w);
     }
 }
 
@@ -136,35 +138,27 @@ void mv_selective_scan_fwd(const float *u, const float *delta, const float *A, c
         long b = item / groups, d0 = (item % groups) * LANES;
         int w = (int)(channels - d0 < LANES ? channels - d0 : LANES);
         scan_group(u + b * length * channels, delta + b * length * channels, A, B + b * length * nstate,
-                   C + b * length * nstate, D_skip, delta_bias, softplus, y + b * length * channels,
+                   C + b * length * nstate, D_skip, delta_bias, softplus, y + b * length * channels, NULL,
                    length, channels, nstate, d0, w);
     }
 }
 
 /* Gradients of one sequence's channels [d0, d0 + w): du, ddelta (its rows), dA, dD and ddelta_bias (its
    rows of per-sequence sums), and dB, dC (per-sequence, per-group partial sums, (L, N)). The forward
-   sweep is redone with every state kept in hist (L * N * LANES floats); the reverse sweep carries the adjoint
+   sweep (scan_group) is redone with every state kept in hist; the reverse sweep carries the adjoint
    g_t = dy_t C_t + exp(dt_{t+1} A) g_{t+1} of each state. */
 static void scan_group_backward(const float *u, const float *delta, const float *A, const float *B, const float *C,
                                 const float *D_skip, const float *delta_bias, int softplus, const float *dy,
                                 float *du, float *ddelta, float *dA, float *dB, float *dC, float *dD, float *dbias,
                                 float *hist, long length, long channels, long nstate, long d0, int w) {
-    vf a_neg[MAX_STATE], h[MAX_STATE], g[MAX_STATE], dA_sum[MAX_STATE];
+    scan_group(u, delta, A, B, C, D_skip, delta_bias, softplus, NULL, hist, length, channels, nstate, d0, w);
+    vf a_neg[MAX_STATE], g[MAX_STATE], dA_sum[MAX_STATE];
     for (long n = 0; n < nstate; n++) {
         a_neg[n] = load_column(A, nstate, n, d0, w);
-        h[n] = g[n] = dA_sum[n] = splat(0.0f);
+        g[n] = dA_sum[n] = splat(0.0f);
     }
     vf bias = delta_bias ? load(delta_bias + d0, w) : splat(0.0f);
     vf skip = D_skip ? load(D_skip + d0, w) : splat(0.0f);
-    for (long t = 0; t < length; t++) {
-        vf dt = load(delta + t * channels + d0, w) + bias;
-        if (softplus) dt = softplus_f32(dt);
-        vf du_in = dt * load(u + t * channels + d0, w);
-        for (long n = 0; n < nstate; n++) {
-            h[n] = exp_f32(dt * a_neg[n]) * h[n] + du_in * B[t * nstate + n];
-            memcpy(hist + (t * nstate + n) * LANES, &h[n], sizeof(vf));
-        }
-    }
     vf dskip_sum = splat(0.0f), dbias_sum = splat(0.0f);
     for (long t = length - 1; t >= 0; t--) {
         vf x = load(delta + t * channels + d0, w) + bias;
