@@ -119,8 +119,7 @@ def fresh_build(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_scan, '_tried', False)
     monkeypatch.setattr(cpu_scan, '_library', None)
     monkeypatch.setattr(cpu_scan, 'build_error', None)
-    monkeypatch.setitem(scan_module._loaded, 'cpu_kernel', None)
-    del scan_module._loaded['cpu_kernel']
+    monkeypatch.delitem(scan_module._loaded, 'cpu_kernel', raising=False)
     monkeypatch.setenv(cpu_scan.CACHE_ENV_VAR, str(tmp_path / 'cache'))
     return tmp_path
 
