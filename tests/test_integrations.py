@@ -140,11 +140,14 @@ def test_fpn_backbone_bad_options_fail_in_one_line(bad, message):
     assert '\n' not in str(error.value)
 
 
-@pytest.mark.parametrize('architecture', [smp.Unet, smp.FPN, smp.UPerNet])
+@pytest.mark.parametrize('architecture', [
+    smp.Unet, smp.UnetPlusPlus, smp.MAnet, smp.Linknet, smp.FPN, smp.PSPNet, smp.UPerNet, smp.Segformer, smp.DPT])
 def test_smp_models_train_on_mambavision(architecture):
     torch.manual_seed(0)
-    model = architecture('tu-test_mambavision', encoder_weights=None, classes=3)
-    first_conv = model.encoder.model.model.stem.conv1.weight
+    # DPT's default 'cat' readout is for encoders with a class token
+    options = dict(decoder_readout='ignore') if architecture is smp.DPT else {}
+    model = architecture('tu-test_mambavision', encoder_weights=None, classes=3, **options)
+    first_conv = next(p for n, p in model.encoder.named_parameters() if n.endswith('stem.conv1.weight'))
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 3, 64, 64)
     logits.square().mean().backward()
@@ -164,7 +167,9 @@ def test_smp_full_size_encoder_and_local_weights(tmp_path):
     assert torch.equal(model.encoder.model.model.stem.conv1.weight, source.stem.conv1.weight)
 
 
-def test_smp_dilated_models_fail_in_one_line():
-    with pytest.raises(ValueError, match='output_stride') as error:
-        smp.DeepLabV3Plus('tu-test_mambavision', encoder_weights=None)
+@pytest.mark.parametrize('architecture', [smp.DeepLabV3, smp.DeepLabV3Plus, smp.PAN])
+def test_smp_dilated_models_fail_in_one_line(architecture):
+    with pytest.raises(ValueError, match=r'MambaVision has no dilated stages: output_stride=(8|16) is not supported') \
+            as error:
+        architecture('tu-test_mambavision', encoder_weights=None)
     assert '\n' not in str(error.value)

@@ -12,15 +12,20 @@ for torchvision's FasterRCNN, MaskRCNN, KeypointRCNN, RetinaNet and FCOS::
 
 segmentation_models_pytorch: nothing to build here. ``import mambavision`` registers the
 models with timm, and smp's ``tu-`` encoders reach them through timm's ``features_only``
-(strides 4, 8, 16, 32, which smp treats as a transformer-style encoder)::
+(strides 4, 8, 16, 32, which smp treats as a transformer-style encoder). Unet, UnetPlusPlus,
+MAnet, Linknet, FPN, PSPNet, UPerNet, Segformer and DPT (``decoder_readout='ignore'``) work;
+a weights tag in the name and ``encoder_weights=True`` load its weights, and other keyword
+arguments go to ``timm.create_model``::
 
     import mambavision
     import segmentation_models_pytorch as smp
 
     model = smp.UPerNet('tu-mambavision_t', encoder_weights=None, classes=150)
+    model = smp.Unet('tu-mambavision_t.nv_in1k', encoder_weights=True, classes=2)
+    model = smp.Unet('tu-mambavision_t', encoder_weights=True, pretrained_cfg_overlay=dict(file='weights.pth.tar'))
 
-MambaVision has no dilated mode, so smp models that need ``output_stride`` 8 or 16
-(DeepLabV3, DeepLabV3+) fail at construction with timm's one-line ``ValueError``.
+MambaVision has no dilated mode, so the smp models that need ``output_stride`` 8 or 16
+(DeepLabV3, DeepLabV3+, PAN) fail at construction with one ``ValueError`` line that says so.
 """
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Sequence
