@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale, LayerScale2d, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -27,7 +27,7 @@ from .weights import checkpoint_filter_fn, load_pretrained_file, rename_publishe
 
 __all__ = [
     'MambaVision', 'Stem', 'ConvBlock', 'Downsample', 'MambaVisionMixer', 'Attention', 'HybridBlock',
-    'MambaVisionStage', 'window_partition', 'window_reverse',
+    'MambaVisionStage', 'window_partition', 'window_reverse', 'create_dense_backbone',
 ]
 
 
@@ -278,6 +278,9 @@ class MambaVision(nn.Module):
         layer_scale_conv: the same for the conv blocks.
         drop_path_rate: stochastic depth, rising linearly over all blocks from 0.
         drop_rate: dropout before the classifier.
+        out_norm: the published detection/segmentation backbone: each stage output taken by
+            ``forward_intermediates`` passes through its own LayerNorm2d (``out_norms``), and there
+            is no final BatchNorm.
     """
 
     def __init__(
@@ -298,6 +301,7 @@ class MambaVision(nn.Module):
             drop_path_rate: float = 0.,
             layer_scale: Optional[float] = None,
             layer_scale_conv: Optional[float] = None,
+            out_norm: bool = False,
     ):
         super().__init__()
         if not len(depths) == len(num_heads) == len(window_size) == 4:
@@ -319,7 +323,8 @@ class MambaVision(nn.Module):
                 layer_scale=layer_scale, layer_scale_conv=layer_scale_conv))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.num_features = self.head_hidden_size = dims[-1]
-        self.norm = nn.BatchNorm2d(self.num_features)
+        self.out_norms = nn.ModuleList([LayerNorm2d(d, eps=1e-5) for d in dims]) if out_norm else None
+        self.norm = nn.Identity() if out_norm else nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
         self.register_load_state_dict_pre_hook(_accept_published_names)
@@ -330,7 +335,7 @@ class MambaVision(nn.Module):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):  # LayerNorm2d is a LayerNorm
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -388,7 +393,8 @@ class MambaVision(nn.Module):
         Args:
             x: (B, in_chans, H, W) images.
             indices: last n stages if int, all if None, else these stage indices.
-            norm: apply the final norm to the last stage's output when it is taken.
+            norm: apply the final norm to the last stage's output when it is taken (the out-norms,
+                when the model has them, always apply).
             stop_early: stop after the last stage that is taken.
             output_fmt: 'NCHW' or 'NHWC'.
             intermediates_only: return only the list of stage outputs.
@@ -405,6 +411,7 @@ class MambaVision(nn.Module):
             x = stage(x)
             if i in take_indices:
                 y = self.norm(x) if norm and i == last_index else x
+                y = self.out_norms[i](y) if self.out_norms is not None else y
                 intermediates.append(y.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else y)
         if intermediates_only:
             return intermediates
@@ -421,6 +428,8 @@ class MambaVision(nn.Module):
         """Drop the stages after the last one in ``indices`` (and the norm/head as asked)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
+        if self.out_norms is not None:
+            self.out_norms = self.out_norms[:max_index + 1]
         if prune_norm or max_index < 3:
             self.norm = nn.Identity()
         if prune_head or max_index < 3:
@@ -440,15 +449,29 @@ class MambaVision(nn.Module):
 
 
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> MambaVision:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
-        kwargs['pretrained_cfg'] = resolve_weights_source(cfg, kwargs.get('cache_dir'))
+    output_stride = kwargs.pop('output_stride', None)
+    if output_stride not in (None, 32):
+        raise ValueError(
+            f'MambaVision has no dilated stages: output_stride={output_stride} is not supported, only 32')
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
+    kwargs = {**_arch_args(variant), **_DENSE_ARGS.get(f'{variant}.{cfg.tag}', {}), **kwargs}
+    kwargs['pretrained_cfg'] = resolve_weights_source(cfg, kwargs.get('cache_dir')) if pretrained else cfg
     return build_model_with_cfg(
         MambaVision, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
     )
+
+
+def create_dense_backbone(arch: str, window_size: Sequence[int], **kwargs) -> MambaVision:
+    """The published detection/segmentation backbone of architecture ``arch``: out-norms, no head.
+
+    ``backbone.forward_intermediates(x, intermediates_only=True)`` gives its four outputs;
+    ``kwargs`` override the architecture (e.g. ``dim``, ``depths`` for a small test model).
+    """
+    import timm
+    return timm.create_model(arch, num_classes=0, out_norm=True, window_size=tuple(window_size), **kwargs)
 
 
 def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs):
@@ -458,10 +481,35 @@ def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs):
         'crop_pct': 1.0, 'crop_mode': 'center', 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'NVIDIA Source Code License-NC',
+        'license': 'cc-by-nc-sa-4.0',  # the published weights' licence (the published code's is NVIDIA's own)
         'paper_ids': 'arXiv:2407.08083', 'origin_url': 'https://github.com/NVlabs/MambaVision',
         **kwargs,
     }
+
+
+# The backbones of the published detection and segmentation models:
+# (architecture, tag, Hugging Face repo (file = repo name + '.pth'), window sizes, test input size)
+_DENSE_WEIGHTS = [
+    ('mambavision_t', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco', (8, 8, 112, 56), (800, 1344)),
+    ('mambavision_s', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_small_3x_coco', (8, 8, 112, 56), (800, 1344)),
+    ('mambavision_b', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_base_3x_coco', (8, 8, 112, 56), (800, 1344)),
+    ('mambavision_t', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_tiny', (8, 8, 64, 32), (512, 512)),
+    ('mambavision_s', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_small', (8, 8, 160, 56), (512, 512)),
+    ('mambavision_b', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_base', (8, 8, 64, 32), (512, 512)),
+    ('mambavision_l3_256', 'nv_in21k_ade20k_640', 'nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', (8, 8, 64, 32),
+     (640, 640)),
+]
+# model arguments a dense tag implies: the task's windows, out-norms, no classifier
+_DENSE_ARGS = {
+    f'{arch}.{tag}': dict(window_size=windows, out_norm=True, num_classes=0)
+    for arch, tag, _, windows, _ in _DENSE_WEIGHTS}
+
+
+def _dense_cfg(repo: str, input_size: Tuple[int, int]) -> dict:
+    """A dense backbone's weights: the ``backbone.*`` tensors of a published detection/segmentation file."""
+    return _cfg(
+        repo, repo.split('/')[-1] + '.pth', num_classes=0, input_size=(3, *input_size), pool_size=None,
+        classifier=None)
 
 
 default_cfgs = generate_default_cfgs({
@@ -483,6 +531,7 @@ default_cfgs = generate_default_cfgs({
         'nvidia/MambaVision-L3-512-21K', 'mambavision_L3_21k_740m_512.pth.tar',
         input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode='squash'),
     'test_mambavision': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), license='apache-2.0'),
+    **{f'{arch}.{tag}': _dense_cfg(repo, input_size) for arch, tag, repo, _, input_size in _DENSE_WEIGHTS},
 })
 
 # Published architectures: (depths, num_heads, window_size, dim, in_dim, drop_path_rate, layer_scale)
@@ -510,49 +559,49 @@ def _arch_args(name: str) -> dict:
 
 @register_model
 def mambavision_t(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_t', pretrained, **dict(_arch_args('mambavision_t'), **kwargs))
+    return _create_mambavision('mambavision_t', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_t2(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_t2', pretrained, **dict(_arch_args('mambavision_t2'), **kwargs))
+    return _create_mambavision('mambavision_t2', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_s(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_s', pretrained, **dict(_arch_args('mambavision_s'), **kwargs))
+    return _create_mambavision('mambavision_s', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_b(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_b', pretrained, **dict(_arch_args('mambavision_b'), **kwargs))
+    return _create_mambavision('mambavision_b', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_l(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_l', pretrained, **dict(_arch_args('mambavision_l'), **kwargs))
+    return _create_mambavision('mambavision_l', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_l2(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_l2', pretrained, **dict(_arch_args('mambavision_l2'), **kwargs))
+    return _create_mambavision('mambavision_l2', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_l2_512(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_l2_512', pretrained, **dict(_arch_args('mambavision_l2_512'), **kwargs))
+    return _create_mambavision('mambavision_l2_512', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_l3_256(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_l3_256', pretrained, **dict(_arch_args('mambavision_l3_256'), **kwargs))
+    return _create_mambavision('mambavision_l3_256', pretrained, **kwargs)
 
 
 @register_model
 def mambavision_l3_512(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('mambavision_l3_512', pretrained, **dict(_arch_args('mambavision_l3_512'), **kwargs))
+    return _create_mambavision('mambavision_l3_512', pretrained, **kwargs)
 
 
 @register_model
 def test_mambavision(pretrained: bool = False, **kwargs) -> MambaVision:
-    return _create_mambavision('test_mambavision', pretrained, **dict(_arch_args('test_mambavision'), **kwargs))
+    return _create_mambavision('test_mambavision', pretrained, **kwargs)

@@ -1,14 +1,19 @@
 """Reading MambaVision weight files safely and mapping them onto ``MambaVision``.
 
 Accepted files: the published ``.pth.tar`` training checkpoints (weights under
-``state_dict``, beside an ``argparse.Namespace`` and optimizer state), plain state
-dicts (``.pth``, ``.bin``, ``.safetensors``), and the Hugging Face transformers form
-(``model.`` prefix). Pickles are read with ``weights_only=True``; only the harmless
-classes in ``SAFE_GLOBALS`` are allowed besides tensors and containers.
+``state_dict``, beside an ``argparse.Namespace`` and optimizer state), the published
+detection/segmentation files (mmengine checkpoints: ``state_dict`` beside ``meta``,
+message hub and scheduler states, in torch's zip or legacy format), plain state dicts
+(``.pth``, ``.bin``, ``.safetensors``), and the Hugging Face transformers form
+(``model.`` prefix). Pickles are read with ``weights_only=True``: besides tensors and
+containers, only the harmless classes in ``SAFE_GLOBALS`` are built, and the objects of
+the modules in ``INERT_MODULES`` (mmengine's bookkeeping, numpy scalars) are replaced by
+an inert stand-in without importing anything. Any other class or function is refused.
 """
 import argparse
 import dataclasses
 import os
+import pickle
 import re
 import socket
 import urllib.request
@@ -20,10 +25,14 @@ from torch import nn
 
 __all__ = [
     'read_checkpoint', 'read_state_dict', 'checkpoint_filter_fn', 'rename_published_keys_', 'load_pretrained_file',
-    'resolve_weights_source', 'SAFE_GLOBALS',
+    'resolve_weights_source', 'download_weights', 'load_state_dict_strict', 'SAFE_GLOBALS', 'INERT_MODULES',
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
+# top-level modules whose pickled objects are read as ``Inert`` stand-ins (what mmengine checkpoints hold
+# besides the weights: message hub buffers, numpy scalars and arrays, config objects)
+INERT_MODULES = ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'numpy')
+_MAX_INERT_NAMES = 256
 
 # published name pattern -> our name (applied in order, first match wins)
 _RENAMES = [
@@ -36,6 +45,7 @@ _RENAMES = [
     (r'^levels\.(\d+)\.blocks\.(\d+)\.gamma_2$', r'stages.\1.blocks.\2.ls2.gamma'),
     (r'^levels\.(\d+)\.blocks\.(\d+)\.gamma$', r'stages.\1.blocks.\2.ls.gamma'),
     (r'^levels\.', 'stages.'),
+    (r'^outnorm(\d)\.', r'out_norms.\1.'),
     (r'^head\.(weight|bias)$', r'head.fc.\1'),
 ]
 
@@ -63,11 +73,16 @@ def rename_published_keys_(state_dict: Dict[str, Any], prefix: str = '') -> None
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
-    """Published (or transformers) tensor names -> ``MambaVision`` names; ours pass unchanged."""
+    """Published (or transformers) tensor names -> ``MambaVision`` names; ours pass unchanged.
+
+    A detection or segmentation model's state dict gives its ``backbone.*`` tensors.
+    """
     for key in ('state_dict', 'model'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
+    if any(k.startswith(('backbone.patch_embed.', 'backbone.stem.')) for k in state_dict):
+        state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
     if 'stem.conv1.weight' in state_dict:
         return dict(state_dict)
     out = {}
@@ -92,6 +107,41 @@ def _read_error(e: Exception) -> str:
     return f'it is truncated, corrupt or not a weight file ({detail})'
 
 
+class Inert:
+    """Stands in for an object of ``INERT_MODULES`` in a checkpoint: built from nothing, holds nothing, runs nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return 'Inert()'
+
+
+def _load_pickle(path: str):
+    """``torch.load(weights_only=True)``, with each global of ``INERT_MODULES`` it meets mapped to ``Inert``."""
+    inert = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS + [(Inert, name) for name in inert]):
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=_is_zip(path))
+        except pickle.UnpicklingError as e:
+            match = re.search(r'GLOBAL ([\w.]+)', str(e))
+            if not match or match[1].split('.')[0] not in INERT_MODULES or len(inert) >= _MAX_INERT_NAMES:
+                raise
+            inert.append(match[1])
+
+
+def _is_zip(path: str) -> bool:
+    with open(path, 'rb') as f:
+        return f.read(4) == b'PK\x03\x04'
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """The whole dict in weight or checkpoint file ``path``, read without running code.
 
@@ -105,8 +155,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
             return load_file(path, device='cpu')
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = _load_pickle(path)
     except Exception as e:
         raise RuntimeError(f'cannot read weight file {path}: {_read_error(e)}') from None
     if not isinstance(checkpoint, dict):
@@ -119,8 +168,37 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     checkpoint = read_checkpoint(path)
     for key in ('state_dict', 'model'):  # 'state_dict', not 'state_dict_ema': the published accuracies use it
         if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
+            checkpoint = checkpoint[key]
+            break
+    not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise RuntimeError(
+            f'weight file {path} holds non-tensor entries among its weights: {", ".join(map(str, not_tensors[:5]))}')
     return checkpoint
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state_dict)``; any missing, unexpected or mis-shaped tensor raises one
+    ``RuntimeError`` line naming ``source`` and the first offenders.
+
+    Names are compared after ``model``'s own ``load_state_dict`` pre-hooks, so published names count as ours.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    for module_prefix, module in model.named_modules():  # the pre-hooks rename in place, as load_state_dict would
+        for hook in module._load_state_dict_pre_hooks.values():
+            hook(state_dict, module_prefix + '.' if module_prefix else '', {}, True, [], [], [])
+    missing = [n for n in own if n not in state_dict]
+    unexpected = [n for n in state_dict if n not in own]
+    mismatched = [
+        f'{n} (file {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)})'
+        for n in state_dict if n in own and state_dict[n].shape != own[n].shape]
+    problems = [
+        f'{what}: {", ".join(names[:5])}{" ..." if len(names) > 5 else ""}'
+        for what, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', mismatched)) if names]
+    if problems:
+        raise RuntimeError(f'{source} does not fit {type(model).__name__}: ' + '; '.join(problems))
+    model.load_state_dict(state_dict)
 
 
 def load_pretrained_file(model: nn.Module, path: str) -> None:
@@ -138,22 +216,11 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
     conv = 'stem.conv1.weight'
     if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
         state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
-    head = [
-        n for n in ('head.fc.weight', 'head.fc.bias')
-        if n in state_dict and (n not in own or state_dict[n].shape != own[n].shape)]
-    for name in head:
-        state_dict.pop(name)  # another class count, or no classifier: keep the model's own head
-    missing = [n for n in own if n not in state_dict and n not in head]
-    unexpected = [n for n in state_dict if n not in own]
-    mismatched = [
-        f'{n} (file {tuple(state_dict[n].shape)}, model {tuple(own[n].shape)})'
-        for n in state_dict if n in own and state_dict[n].shape != own[n].shape]
-    problems = [
-        f'{what}: {", ".join(names[:5])}{" ..." if len(names) > 5 else ""}'
-        for what, names in (('missing', missing), ('unexpected', unexpected), ('wrong shape', mismatched)) if names]
-    if problems:
-        raise RuntimeError(f'weight file {_describe(path)} does not fit {type(model).__name__}: ' + '; '.join(problems))
-    model.load_state_dict(state_dict, strict=False)
+    for name in ('head.fc.weight', 'head.fc.bias'):
+        if name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
+            state_dict[name] = own.get(name)  # another class count, or no classifier: keep the model's own head
+    state_dict = {k: v for k, v in state_dict.items() if v is not None}
+    load_state_dict_strict(model, state_dict, f'weight file {_describe(path)}')
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -171,27 +238,45 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def _cached_hub_file(repo_id: str, filename: str, cache_dir: Optional[str], revision: Optional[str],
+                     local_hint: str) -> Optional[str]:
+    """The cached path of a hub file (no network), or None when the hub can be reached to download it.
+
+    Neither: one ``RuntimeError`` line at once ending in ``local_hint``, instead of retrying for many seconds.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return cached
+    if not _hub_reachable():
+        raise RuntimeError(
+            f'cannot download {repo_id}/{filename}: the Hugging Face hub is unreachable (offline?); {local_hint}')
+    return None
+
+
+def download_weights(repo_id: str, filename: str, cache_dir: Optional[str] = None) -> str:
+    """A local path of ``filename`` in Hugging Face repo ``repo_id``: cached, or downloaded
+    (an unreachable hub fails at once, in one line)."""
+    from huggingface_hub import hf_hub_download
+    cached = _cached_hub_file(repo_id, filename, cache_dir, None, 'pass a local copy of the file instead')
+    return cached or hf_hub_download(repo_id, filename, cache_dir=cache_dir)
+
+
 def resolve_weights_source(cfg, cache_dir: Optional[str] = None):
     """``cfg`` (a timm ``PretrainedCfg``) pointed at a local file whenever one can serve.
 
     A local ``file`` is loaded through ``MambaVision.load_pretrained`` (timm would
     otherwise unpickle it with its generic loader, which prefers the EMA weights).
     Hub weights already in the local cache (``cache_dir``, as timm's) are used without touching the network;
-    otherwise, when the hub cannot be reached, this fails at once with one line
-    instead of retrying for many seconds.
+    otherwise timm downloads them, and an unreachable hub fails at once with one line.
     """
     if cfg.file:
         return dataclasses.replace(cfg, custom_load=True)
     if cfg.state_dict is not None or not (cfg.hf_hub_id and cfg.hf_hub_filename):
         return cfg
-    from huggingface_hub import try_to_load_from_cache
     from timm.models._hub import hf_split
     repo_id, revision = hf_split(cfg.hf_hub_id)
-    cached = try_to_load_from_cache(repo_id, cfg.hf_hub_filename, cache_dir=cache_dir, revision=revision)
-    if isinstance(cached, str):
-        return dataclasses.replace(cfg, file=cached, custom_load=True)
-    if not _hub_reachable():
-        raise RuntimeError(
-            f'cannot download {cfg.hf_hub_id}/{cfg.hf_hub_filename}: the Hugging Face hub is unreachable '
-            f'(offline?); pass pretrained_cfg_overlay=dict(file=PATH) to load a local copy')
-    return cfg
+    cached = _cached_hub_file(
+        repo_id, cfg.hf_hub_filename, cache_dir, revision,
+        'pass pretrained_cfg_overlay=dict(file=PATH) to load a local copy')
+    return dataclasses.replace(cfg, file=cached, custom_load=True) if cached else cfg

@@ -72,7 +72,7 @@ def test_entry_point_info_json():
     assert 4.4 < models['mambavision_t']['gmacs'] < 4.7
     # same architecture, 512 vs 256 input: about 4x the work
     assert 3.5 < models['mambavision_l3_512']['gmacs'] / models['mambavision_l3_256']['gmacs'] < 4.5
-    assert models['mambavision_b']['pretrained_tags'] == ['nv_in1k', 'nv_in21k_ft_in1k']
+    assert models['mambavision_b']['pretrained_tags'] == ['nv_ade20k', 'nv_coco', 'nv_in1k', 'nv_in21k_ft_in1k']
 
 
 def test_info_text(capsys, monkeypatch):
