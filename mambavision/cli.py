@@ -35,8 +35,11 @@ COMMANDS = {
     'predict': ('mambavision.cli', 'classify images (ImageNet-1k top-k) with a pretrained model'),
     'benchmark': ('mambavision.cli', 'measure inference throughput and latency'),
     'train': ('mambavision.train', 'train or fine-tune on an image dataset, one process or many under torchrun'),
-    'validate': ('mambavision.train', 'top-1, top-5 and loss of a checkpoint or the published weights'),
+    'validate': ('mambavision.train', 'top-1, top-5 and loss of a checkpoint or the published weights '
+                 '(--task seg: ADE20K mIoU; --task det: COCO box and mask AP)'),
     'export': ('mambavision.export', 'write a model as an ONNX file (dynamic batch and image size) and check it in onnxruntime'),
+    'segment': ('mambavision.dense.cli', 'semantic segmentation (ADE20K UPerNet): palette label maps and overlays'),
+    'detect': ('mambavision.dense.cli', 'instance segmentation (COCO Cascade Mask R-CNN): pictures and COCO results JSON'),
 }
 
 DEFAULT_MODEL = 'mambavision_t.nv_in1k'

@@ -130,6 +130,10 @@ def add_arguments_train(parser: argparse.ArgumentParser):
 def add_arguments_validate(parser: argparse.ArgumentParser):
     """Options of ``mambavision validate``."""
     parser.add_argument('--model', required=True, help='timm model name, e.g. mambavision_t.nv_in1k')
+    parser.add_argument('--task', choices=('cls', 'seg', 'det'), default='cls',
+                        help='cls: image folders (default); seg: a segmenter on ADE20K (--data-dir '
+                             'ADEChallengeData2016); det: a detector on COCO (--data-dir images, --annotations)')
+    parser.add_argument('--annotations', help='--task det: the COCO instances json')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', help='weight file: a training checkpoint of ours or a published one')
     source.add_argument('--pretrained', action='store_true', help="the model's published weights")
@@ -535,7 +539,11 @@ def run_validate(args: argparse.Namespace) -> int:
     device, rank, world = _init_distributed(args.device)
     try:
         _setup_logging(rank)
-        results = _validate(args, device, rank)
+        if args.task == 'cls':
+            results = _validate(args, device, rank)
+        else:
+            from .dense.cli import validate_dense
+            results = validate_dense(args, device)
         if rank == 0:
             text = json.dumps(results, indent=2)
             print(text)

@@ -1,0 +1,175 @@
+"""The dense commands: ``mambavision segment``, ``mambavision detect`` and ``mambavision validate --task seg|det``.
+
+``segment`` writes per image ``<stem>_labels.png`` (the class map as a palette PNG: pixel value =
+class index, colors = the model's palette) and ``<stem>_overlay.png`` (the colors on the image,
+with a legend of the classes present). ``detect`` writes per image ``<stem>_detections.png``
+(masks, boxes and "class score" drawn) and ``<stem>_detections.json`` (COCO results; ``image_id``
+is the image's position on the command line, from 0). Neither runs random weights: without
+``--checkpoint`` the published weights are downloaded (or taken from the cache), else it fails.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..cli import CliError, _one_line, _open_image, _resolve_device, amp_autocast
+from .evaluate import (
+    COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_image_paths, coco_results, intersect_and_union,
+    load_coco, read_ade20k_label, read_image, segmentation_metrics,
+)
+from .visualize import draw_detections, label_map_image, segmentation_overlay
+
+__all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
+
+DEFAULT_SEGMENTER = 'upernet_mambavision_t.nv_ade20k'
+DEFAULT_DETECTOR = 'cascade_mask_rcnn_mambavision_t.nv_coco'
+
+
+def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: Optional[torch.device] = None):
+    """The segmenter ('seg') or detector ('det') ``name`` with a local ``checkpoint`` or the published weights,
+    in eval mode on ``device``; every failure is a one-line ``CliError``."""
+    import mambavision
+
+    factory = mambavision.create_segmenter if task == 'seg' else mambavision.create_detector
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise CliError(f'checkpoint not found: {checkpoint}')
+    try:
+        model = factory(name, pretrained=not checkpoint, checkpoint_path=checkpoint)
+    except ValueError as e:  # unknown name (with close names), bad option
+        raise CliError(_one_line(e)) from None
+    except (RuntimeError, OSError) as e:  # no download (offline), unreadable or mismatched weight file
+        hint = '' if checkpoint else '; to run without the hub, download the published file and pass --checkpoint FILE'
+        raise CliError(f'{_one_line(e)}{hint}') from None
+    return model.eval().to(device or 'cpu')
+
+
+def _add_common(parser: argparse.ArgumentParser, default_model: str):
+    parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+    parser.add_argument('--model', default=default_model, help=f'model name (default {default_model})')
+    parser.add_argument('--checkpoint', metavar='FILE',
+                        help='local weight file: a published .pth (mmengine checkpoint) or our own saved weights')
+    parser.add_argument('--output', required=True, metavar='DIR', help='folder for the pictures (created if needed)')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), help='default cuda when available')
+
+
+def _read_images(paths: List[str]) -> Dict[str, str]:
+    """Output stem of each image path (its file stem, made unique); every image is checked to be readable."""
+    stems = {}
+    for path in paths:
+        _open_image(path, decode=False)
+        stem = Path(path).stem
+        stems[path] = stem if stem not in stems.values() else f'{stem}_{len(stems)}'
+    return stems
+
+
+def _predict(model, path: str):
+    """(the (H, W, 3) uint8 RGB image at ``path``, the model's prediction for it)."""
+    image = np.asarray(_open_image(path))
+    with torch.inference_mode():
+        return image, model.predict(image)[0]
+
+
+def add_arguments_segment(parser: argparse.ArgumentParser):
+    _add_common(parser, DEFAULT_SEGMENTER)
+
+
+def run_segment(args) -> int:
+    stems = _read_images(args.images)
+    device = _resolve_device(args.device)
+    model = create_dense_model('seg', args.model, args.checkpoint, device)
+    os.makedirs(args.output, exist_ok=True)
+    for path, stem in stems.items():
+        image, result = _predict(model, path)
+        labels = result['labels'].cpu().numpy()
+        label_file, overlay_file = (os.path.join(args.output, f'{stem}_{kind}.png') for kind in ('labels', 'overlay'))
+        label_map_image(labels, model.palette).save(label_file)
+        segmentation_overlay(image, labels, model.palette, model.class_names).save(overlay_file)
+        classes, counts = np.unique(labels, return_counts=True)
+        largest = ', '.join(f'{model.class_names[classes[i]]} {100 * counts[i] / labels.size:.1f}%'
+                            for i in np.argsort(-counts, kind='stable')[:5])
+        print(f'{path}: {label_file}, {overlay_file} ({largest})')
+    return 0
+
+
+def add_arguments_detect(parser: argparse.ArgumentParser):
+    _add_common(parser, DEFAULT_DETECTOR)
+    parser.add_argument('--score-threshold', type=float, default=0.3, metavar='S',
+                        help='draw and write the detections scoring above S (default 0.3)')
+
+
+def run_detect(args) -> int:
+    stems = _read_images(args.images)
+    device = _resolve_device(args.device)
+    model = create_dense_model('det', args.model, args.checkpoint, device)
+    # label -> COCO category id for the 80 COCO classes, else label + 1
+    category_ids = COCO_CATEGORY_IDS if len(model.class_names) == len(COCO_CATEGORY_IDS) else \
+        range(1, len(model.class_names) + 1)
+    os.makedirs(args.output, exist_ok=True)
+    for image_id, (path, stem) in enumerate(stems.items()):
+        image, result = _predict(model, path)
+        keep = result['scores'] > args.score_threshold
+        detections = {k: v[keep].cpu() for k, v in result.items()}
+        picture_file, json_file = (os.path.join(args.output, f'{stem}_detections.{ext}') for ext in ('png', 'json'))
+        draw_detections(image, detections, model.class_names, model.palette).save(picture_file)
+        with open(json_file, 'w') as f:
+            json.dump(coco_results([detections], [image_id], category_ids), f)
+        names = [model.class_names[label] for label in detections['labels'].tolist()]
+        found = ', '.join(f'{names.count(n)} {n}' for n in dict.fromkeys(names)) or 'nothing'
+        print(f'{path}: {picture_file}, {json_file} (image_id {image_id}: {found} above {args.score_threshold})')
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mambavision validate --task seg | det
+
+
+def _progress(iterable, desc: str, total: int):
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, disable=None, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """``mambavision validate --task seg`` (ADE20K: aAcc, mIoU, mAcc) or ``--task det`` (COCO: box and mask AP)."""
+    if torch.distributed.is_initialized():
+        raise CliError(f'--task {args.task} runs in one process: start it without torchrun')
+    if args.ema:
+        raise CliError(f'--ema applies to classification training checkpoints, not to --task {args.task}')
+    if args.task == 'det' and not args.annotations:
+        raise CliError('--task det needs --annotations FILE, the COCO instances json (e.g. annotations/instances_val2017.json)')
+    if args.task == 'seg':
+        samples = ade20k_samples(args.data_dir, args.val_split)  # check the data before building the model
+    else:
+        coco = load_coco(args.annotations)
+        split_dir = Path(args.data_dir) / Path(args.annotations).stem.removeprefix('instances_')
+        image_paths = coco_image_paths(coco, str(split_dir if split_dir.is_dir() else args.data_dir))
+    model = create_dense_model(args.task, args.model, args.checkpoint, device)
+    header = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', task=args.task)
+
+    def predict(path):
+        with torch.inference_mode(), amp_autocast(device.type, args.amp):
+            return model.predict(read_image(path))[0]
+
+    if args.task == 'seg':
+        areas = torch.zeros(4, len(model.class_names), dtype=torch.int64)
+        for image_path, label_path in _progress(samples, 'validate seg', len(samples)):
+            label = torch.from_numpy(read_ade20k_label(label_path))
+            pred = predict(image_path)['labels'].cpu()
+            if pred.shape != label.shape:
+                raise CliError(f'{label_path} is {tuple(label.shape)}, its image {image_path} {tuple(pred.shape)}')
+            areas += intersect_and_union(pred, label, len(model.class_names))
+        return dict(header, images=len(samples), **segmentation_metrics(areas, model.class_names))
+
+    category_ids = sorted(coco.getCatIds())
+    if len(category_ids) != len(model.class_names):
+        raise CliError(f'{args.annotations} has {len(category_ids)} categories, the model {len(model.class_names)} classes')
+    results = []
+    for image_id, path in _progress(image_paths.items(), 'validate det', len(image_paths)):
+        detections = {k: v.cpu() for k, v in predict(path).items()}
+        results += coco_results([detections], [image_id], category_ids)
+    return dict(header, images=len(image_paths), detections=len(results),
+                bbox=coco_evaluate(coco, results, 'bbox'), segm=coco_evaluate(coco, results, 'segm'))

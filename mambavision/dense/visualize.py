@@ -1,0 +1,74 @@
+"""Pictures of dense predictions: palette label maps, overlays with a legend, detections drawn on the image."""
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+__all__ = ['label_map_image', 'segmentation_overlay', 'draw_detections']
+
+Color = Tuple[int, int, int]
+
+
+def _font(image_size: Tuple[int, int]) -> ImageFont.ImageFont:
+    """Pillow's built-in font at a size that stays readable on small and large images."""
+    return ImageFont.load_default(size=max(11, round(min(image_size) / 40)))
+
+
+def label_map_image(labels: np.ndarray, palette: Sequence[Color]) -> Image.Image:
+    """An (H, W) class map (values < 256) as a PIL 'P' image whose palette entry i is class i's color."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError(f'expected an (H, W) map of classes 0..255, got shape {labels.shape}')
+    image = Image.fromarray(labels.astype(np.uint8), mode='P')
+    flat = [c for color in palette[:256] for c in color]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    return image
+
+
+def segmentation_overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Color],
+                         class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
+    """The (H, W, 3) uint8 RGB ``image`` with the class colors blended in at ``alpha``, and on its right
+    a legend of the classes present (largest area first), each with its color and share of the image."""
+    colors = np.asarray(palette, dtype=np.float32)[labels]
+    blended = Image.fromarray((image * (1 - alpha) + colors * alpha).round().astype(np.uint8))
+    classes, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind='stable')
+    font = _font(blended.size)
+    row = round(font.size * 1.5)
+    entries = [(tuple(palette[classes[i]]), f'{class_names[classes[i]]} {100 * counts[i] / labels.size:.1f}%')
+               for i in order]
+    width = 3 * font.size + max(round(font.getlength(text)) for _, text in entries)
+    canvas = Image.new('RGB', (blended.width + width, max(blended.height, row * (len(entries) + 1))), 'white')
+    canvas.paste(blended, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (color, text) in enumerate(entries):
+        x, y = blended.width + font.size // 2, row // 2 + i * row
+        draw.rectangle([x, y, x + font.size, y + font.size], fill=color, outline='black')
+        draw.text((x + 3 * font.size // 2, y), text, fill='black', font=font)
+    return canvas
+
+
+def draw_detections(image: np.ndarray, detections: dict, class_names: Sequence[str], palette: Sequence[Color],
+                    alpha: float = 0.5) -> Image.Image:
+    """The (H, W, 3) uint8 RGB ``image`` with each detection's mask, box and "class score" label drawn
+    (torchvision's drawing utilities for masks and boxes, in the class color)."""
+    picture = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    labels, scores = detections['labels'].tolist(), detections['scores'].tolist()
+    colors = [tuple(palette[label]) for label in labels]
+    if labels:
+        if 'masks' in detections:
+            picture = draw_segmentation_masks(picture, torch.as_tensor(detections['masks']).bool(), alpha, colors)
+        width = max(1, round(min(image.shape[:2]) / 300))
+        picture = draw_bounding_boxes(picture, torch.as_tensor(detections['boxes']).float(), colors=colors,
+                                      width=width)
+    drawn = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    draw, font = ImageDraw.Draw(drawn), _font(drawn.size)
+    for box, label, score, color in zip(detections['boxes'].tolist(), labels, scores, colors):
+        text = f'{class_names[label]} {score:.2f}'
+        y = max(0, box[1] - font.size - 2)  # above the box, or inside it at the top edge
+        left, top, right, bottom = draw.textbbox((box[0] + 1, y), text, font=font)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=color)
+        draw.text((box[0] + 1, y), text, font=font, fill='white' if sum(color) < 384 else 'black')
+    return drawn

@@ -1,0 +1,259 @@
+"""``mambavision segment``, ``detect`` and ``validate --task seg|det`` end to end, on stub models.
+
+The stubs stand in for ``mambavision.create_segmenter`` / ``create_detector`` and answer ``predict`` with
+fixed outputs, so the commands, the drawing and the metrics are tested independently of the networks.
+"""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as pycocotools_mask
+
+import mambavision
+from mambavision.cli import main
+
+from test_dense_eval import CATEGORY_IDS, detections_of, write_coco
+
+SEG_CLASSES = ['sky', 'tree', 'road']
+SEG_PALETTE = [[70, 130, 180], [0, 200, 0], [128, 64, 128]]
+DET_CLASSES = [f'class{c}' for c in CATEGORY_IDS]
+DET_PALETTE = [[220, 20, 60], [0, 0, 142], [250, 170, 30]]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.delenv('MAMBAVISION_DEBUG', raising=False)
+
+
+class StubModel(torch.nn.Module):
+    """``predict(image)`` -> ``[outputs[key(image)]]``, by default the fixed prediction for an image of its size."""
+
+    def __init__(self, outputs, class_names, palette, key=lambda image: image.shape[:2]):
+        super().__init__()
+        self.outputs, self.class_names, self.palette, self.key = outputs, class_names, palette, key
+
+    def predict(self, image):
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2] == 3
+        return [self.outputs[self.key(image)]]
+
+
+@pytest.fixture
+def use_stub(monkeypatch):
+    """``use_stub(factory_name, model)``: the factory returns ``model``; returns the list of its calls' arguments."""
+    def install(factory_name, model):
+        calls = []
+
+        def factory(name, pretrained=False, checkpoint_path=None):
+            calls.append(dict(name=name, pretrained=pretrained, checkpoint_path=checkpoint_path))
+            return model
+        monkeypatch.setattr(mambavision, factory_name, factory, raising=False)
+        return calls
+    return install
+
+
+def _one_line_error(capsys, command, *fragments):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'mambavision {command}: error: '), captured.err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def _image(path, height, width, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_segment(tmp_path, use_stub, capsys):
+    pixels = _image(tmp_path / 'street.png', 40, 60)
+    labels = np.zeros((40, 60), np.int64)
+    labels[:, 45:] = 2  # sky 75 %, road 25 %, no tree
+    calls = use_stub('create_segmenter', StubModel(
+        {(40, 60): dict(labels=torch.from_numpy(labels), logits=torch.zeros(3, 40, 60))}, SEG_CLASSES, SEG_PALETTE))
+    out = tmp_path / 'out'
+    assert main(['segment', str(tmp_path / 'street.png'), '--output', str(out)]) == 0
+    assert calls == [dict(name='upernet_mambavision_t.nv_ade20k', pretrained=True, checkpoint_path=None)]
+    assert capsys.readouterr().out.strip().endswith('(sky 75.0%, road 25.0%)')
+
+    label_png = Image.open(out / 'street_labels.png')
+    assert label_png.mode == 'P' and np.array_equal(np.array(label_png), labels)
+    assert label_png.getpalette()[:9] == sum(SEG_PALETTE, [])
+
+    overlay = np.array(Image.open(out / 'street_overlay.png').convert('RGB'))
+    assert overlay.shape[0] >= 40 and overlay.shape[1] > 60  # the image and a legend strip on its right
+    expected = np.round(pixels * 0.5 + np.array(SEG_PALETTE, np.float32)[labels] * 0.5).astype(np.uint8)
+    assert np.array_equal(overlay[:40, :60], expected)
+    legend = {tuple(c) for c in overlay[:, 60:].reshape(-1, 3).tolist()}
+    assert tuple(SEG_PALETTE[0]) in legend and tuple(SEG_PALETTE[2]) in legend  # classes present have swatches
+    assert tuple(SEG_PALETTE[1]) not in legend
+
+
+def test_detect(tmp_path, use_stub, capsys):
+    pixels = _image(tmp_path / 'room.jpg', 60, 80)
+    masks = torch.zeros(2, 60, 80, dtype=torch.bool)
+    masks[0, 12:40, 15:50] = masks[1, 0:5, 0:5] = True
+    found = dict(boxes=torch.tensor([[15., 12., 50., 40.], [0., 0., 5., 5.]]), scores=torch.tensor([0.8, 0.2]),
+                 labels=torch.tensor([2, 0]), masks=masks)
+    calls = use_stub('create_detector', StubModel({(60, 80): found}, DET_CLASSES, DET_PALETTE))
+    out = tmp_path / 'out'
+    assert main(['detect', str(tmp_path / 'room.jpg'), '--output', str(out), '--checkpoint', str(tmp_path / 'room.jpg')]) == 0
+    assert calls == [dict(name='cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=False,
+                          checkpoint_path=str(tmp_path / 'room.jpg'))]
+    assert capsys.readouterr().out.strip().endswith('(image_id 0: 1 class7 above 0.3)')
+
+    results = json.loads((out / 'room_detections.json').read_text())  # only the detection scoring above 0.3
+    assert len(results) == 1 and set(results[0]) == {'image_id', 'category_id', 'bbox', 'score', 'segmentation'}
+    # 3 classes, so labels map to 1..3 (the 80 COCO classes map to COCO's ids)
+    assert results[0]['image_id'] == 0 and results[0]['category_id'] == 3
+    assert results[0]['bbox'] == [15, 12, 35, 28] and results[0]['score'] == pytest.approx(0.8)
+    rle = dict(results[0]['segmentation'], counts=results[0]['segmentation']['counts'].encode())
+    assert np.array_equal(pycocotools_mask.decode(rle), masks[0].numpy())
+
+    picture = np.array(Image.open(out / 'room_detections.png'))
+    original = np.array(Image.open(tmp_path / 'room.jpg'))
+    assert picture.shape == original.shape
+    assert tuple(picture[26, 15]) == tuple(DET_PALETTE[2])  # the box's left edge in the class color
+    assert np.abs(picture[30:38, 25:45].astype(int) - original[30:38, 25:45]).mean() > 10  # the mask, blended in
+    assert np.array_equal(picture[50:, 60:], original[50:, 60:])  # untouched away from the detection
+    assert np.array_equal(picture[0:5, 0:5], original[0:5, 0:5])  # the detection scoring 0.2 is not drawn
+
+
+def test_detect_uses_coco_category_ids(tmp_path, use_stub):
+    _image(tmp_path / 'a.png', 20, 30)
+    found = dict(boxes=torch.tensor([[1., 2., 10., 12.]]), scores=torch.tensor([0.9]), labels=torch.tensor([11]),
+                 masks=torch.ones(1, 20, 30, dtype=torch.bool))
+    use_stub('create_detector', StubModel({(20, 30): found}, [f'c{i}' for i in range(80)], [[9, 9, 9]] * 80))
+    assert main(['detect', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 0
+    assert json.loads((tmp_path / 'a_detections.json').read_text())[0]['category_id'] == 13  # COCO skips id 12
+
+
+def _ade20k(root, shapes):
+    """An ADEChallengeData2016 tree with one image per shape; labels 0 ("other") .. 3, random."""
+    rng = np.random.default_rng(0)
+    for folder in ('images/validation', 'annotations/validation'):
+        (root / folder).mkdir(parents=True)
+    labels = {}
+    for i, (height, width) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f'images/validation/{i}.jpg')
+        file_labels = rng.integers(0, 4, (height, width), dtype=np.uint8)
+        Image.fromarray(file_labels).save(root / f'annotations/validation/{i}.png')
+        labels[(height, width)] = file_labels
+    return labels
+
+
+def test_validate_segmentation(tmp_path, use_stub, capsys):
+    """The file's labels 1..3 predicted as classes 0..2 (its 0 = "other" predicted as anything): 100 everywhere."""
+    file_labels = _ade20k(tmp_path / 'ADEChallengeData2016', [(24, 32), (30, 20)])
+    predicted = {shape: dict(labels=torch.from_numpy(np.maximum(f.astype(np.int64) - 1, 0)))
+                 for shape, f in file_labels.items()}
+    use_stub('create_segmenter', StubModel(predicted, SEG_CLASSES + ['unseen'], SEG_PALETTE + [[0, 0, 0]]))
+    results_file = tmp_path / 'results.json'
+    assert main(['validate', '--task', 'seg', '--model', 'upernet_mambavision_t.nv_ade20k', '--pretrained',
+                 '--data-dir', str(tmp_path / 'ADEChallengeData2016'), '--device', 'cpu',
+                 '--results-file', str(results_file)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results == json.loads(results_file.read_text())
+    assert results['images'] == 2 and results['task'] == 'seg'
+    assert results['aAcc'] == results['mIoU'] == results['mAcc'] == 100
+    assert results['per_class']['unseen'] == dict(IoU=None, Acc=None)
+
+
+def test_validate_segmentation_counts_a_confusion(tmp_path, use_stub, capsys):
+    """Every pixel of the file's label 1 (class 0) predicted as class 1, the rest right."""
+    (file_labels,) = _ade20k(tmp_path / 'ADE', [(16, 16)]).values()
+    predicted = np.maximum(file_labels.astype(np.int64) - 1, 0)
+    predicted[file_labels == 1] = 1
+    use_stub('create_segmenter', StubModel({(16, 16): dict(labels=torch.from_numpy(predicted))}, SEG_CLASSES, SEG_PALETTE))
+    assert main(['validate', '--task', 'seg', '--model', 'm', '--pretrained', '--data-dir', str(tmp_path / 'ADE'),
+                 '--device', 'cpu']) == 0
+    results = json.loads(capsys.readouterr().out)
+    n1, n2, n3 = (int((file_labels == k).sum()) for k in (1, 2, 3))
+    # class 0: never predicted (IoU 0, Acc 0); class 1: n2 right of n1 + n2 predicted; class 2: all right
+    assert results['per_class']['tree']['IoU'] == pytest.approx(100 * n2 / (n1 + n2))
+    assert results['mIoU'] == pytest.approx(100 * (0 + n2 / (n1 + n2) + 1) / 3)
+    assert results['mAcc'] == pytest.approx(100 * (0 + 1 + 1) / 3)
+    assert results['aAcc'] == pytest.approx(100 * (n2 + n3) / (n1 + n2 + n3))
+
+
+OBJECTS = [(1, 1, [10, 10, 20, 20]), (1, 7, [40, 30, 60, 50]), (2, 3, [0, 0, 100, 110])]
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    """COCO_ROOT/val2017/{1,2}.png and COCO_ROOT/annotations/instances_val2017.json (images of 120 x 160)."""
+    (tmp_path / 'val2017').mkdir()
+    (tmp_path / 'annotations').mkdir()
+    for image_id in (1, 2):
+        _image(tmp_path / f'val2017/{image_id}.png', 120, 160, seed=image_id)
+    write_coco(tmp_path / 'annotations/instances_val2017.json', OBJECTS)
+    return tmp_path
+
+
+def test_validate_detection(coco_root, use_stub, capsys, monkeypatch):
+    """Ground truth as detections: box and mask AP 1. The stub tells the two images apart by their content."""
+    detections = detections_of(OBJECTS)
+    corner = {np.array(Image.open(coco_root / f'val2017/{i}.png'))[0, 0].tobytes(): detections[i] for i in (1, 2)}
+    use_stub('create_detector', StubModel(corner, DET_CLASSES, DET_PALETTE, key=lambda image: image[0, 0].tobytes()))
+    (coco_root / 'weights.pth').touch()
+    assert main(['validate', '--task', 'det', '--model', 'd', '--checkpoint', str(coco_root / 'weights.pth'),
+                 '--data-dir', str(coco_root), '--annotations', str(coco_root / 'annotations/instances_val2017.json'),
+                 '--device', 'cpu']) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results['images'] == 2 and results['detections'] == 3
+    for iou_type in ('bbox', 'segm'):
+        assert results[iou_type]['AP'] == pytest.approx(1.0) and results[iou_type]['AP75'] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# every error is one line
+
+
+def test_image_errors(tmp_path, use_stub, capsys):
+    calls = use_stub('create_segmenter', None)
+    assert main(['segment', str(tmp_path / 'nope.jpg'), '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', 'image not found', 'nope.jpg')
+    (tmp_path / 'text.png').write_text('not an image')
+    assert main(['detect', str(tmp_path / 'text.png'), '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'detect', 'cannot read', 'text.png')
+    assert calls == []  # the images are checked before a model is built
+
+
+def test_model_errors(tmp_path, monkeypatch, capsys):
+    _image(tmp_path / 'a.png', 8, 8)
+
+    def unknown(name, **kwargs):
+        raise ValueError(f"unknown segmenter {name!r}; did you mean upernet_mambavision_t.nv_ade20k?\nmore")
+    monkeypatch.setattr(mambavision, 'create_segmenter', unknown, raising=False)
+    assert main(['segment', str(tmp_path / 'a.png'), '--model', 'upernet_t', '--output', str(tmp_path)]) == 1
+    assert _one_line_error(capsys, 'segment').endswith("unknown segmenter 'upernet_t'; did you mean "
+                                                       "upernet_mambavision_t.nv_ade20k?")
+
+    def offline(name, pretrained=False, checkpoint_path=None):
+        raise RuntimeError('cannot download nvidia/mamba_vision_160k_ade20k-512x512_tiny: offline')
+    monkeypatch.setattr(mambavision, 'create_segmenter', offline, raising=False)
+    assert main(['segment', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', 'offline', 'pass --checkpoint FILE')
+    assert main(['segment', str(tmp_path / 'a.png'), '--checkpoint', str(tmp_path / 'no.pth'), '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', 'checkpoint not found', 'no.pth')
+    assert not list(tmp_path.glob('*_overlay.png'))  # no random-weight pictures
+
+
+def test_validate_errors(tmp_path, coco_root, use_stub, monkeypatch, capsys):
+    use_stub('create_detector', StubModel({}, DET_CLASSES, DET_PALETTE))
+    assert main(['validate', '--task', 'seg', '--model', 'm', '--pretrained', '--data-dir', str(tmp_path / 'ADE')]) == 1
+    _one_line_error(capsys, 'validate', 'ADE/images/validation not found', 'ADEChallengeData2016')
+    det = ['validate', '--task', 'det', '--model', 'd', '--pretrained', '--data-dir', str(coco_root)]
+    assert main(det) == 1
+    _one_line_error(capsys, 'validate', '--task det needs --annotations FILE')
+    annotations = ['--annotations', str(coco_root / 'annotations/instances_val2017.json')]
+    assert main(det[:-1] + [str(tmp_path / 'elsewhere')] + annotations) == 1
+    _one_line_error(capsys, 'validate', '2 of the 2 images', 'elsewhere')
+    monkeypatch.setitem(sys.modules, 'pycocotools', None)
+    assert main(det + annotations) == 1
+    _one_line_error(capsys, 'validate', "pip install 'mambavision[coco]'")
