@@ -1,0 +1,213 @@
+"""Cascade Mask R-CNN: exact against mmdet's golden fixture, published names, predict contract, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mambavision.dense import detection
+from mambavision.dense.detection import CascadeMaskRCNN, create_detector, list_detectors
+from mambavision.weights import rename_published_keys_
+
+FIXTURES = Path(__file__).parent / 'fixtures' / 'dense'
+
+
+@pytest.fixture(scope='module')
+def fixture():
+    return load_file(FIXTURES / 'cascade_tiny.safetensors'), json.loads((FIXTURES / 'cascade_tiny.json').read_text())
+
+
+def tiny_detector(**kwargs) -> CascadeMaskRCNN:
+    """The fixture's architecture: a tiny backbone, 32-wide heads, 64-wide box fc."""
+    cfg = json.loads((FIXTURES / 'cascade_tiny.json').read_text())['model']['backbone']
+    backbone_kwargs = {k: cfg[k] for k in ('dim', 'in_dim', 'depths', 'num_heads')}
+    kwargs = dict(dict(channels=32, fc_channels=64, test_scale=(333, 200), backbone_kwargs=backbone_kwargs), **kwargs)
+    return CascadeMaskRCNN('test_mambavision', cfg['window_size'], **kwargs).eval()
+
+
+@pytest.fixture(scope='module')
+def published_tiny(fixture):
+    tensors, _ = fixture
+    model = tiny_detector()
+    model.load_state_dict({k[len('state_dict.'):]: v for k, v in tensors.items() if k.startswith('state_dict.')})
+    return model
+
+
+@pytest.fixture(scope='module')
+def confident_tiny():
+    """A random tiny detector whose class logits favour classes 3 and 17, so that it detects things."""
+    torch.manual_seed(0)
+    model = tiny_detector()
+    for head in model.roi_head.bbox_head:
+        head.fc_cls.bias.data[3], head.fc_cls.bias.data[17] = 5., 4.
+    return model
+
+
+def fixture_meta(config):
+    return [tuple(config['img_shape'])], [tuple(config['scale_factor'])]
+
+
+def test_network_input_matches_fixture(fixture, published_tiny):
+    tensors, config = fixture
+    x, scale_factor = published_tiny.preprocess(tensors['image_rgb'].numpy())
+    assert tuple(x.shape[1:]) == tuple(config['img_shape'])
+    assert scale_factor == pytest.approx(config['scale_factor'])
+    batch = published_tiny.pad_batch([x])
+    assert batch.shape == tensors['network_input'].shape
+    torch.testing.assert_close(batch, tensors['network_input'], atol=1e-5, rtol=0)
+
+
+def test_rpn_proposals_match_fixture(fixture, published_tiny):
+    """Same proposals and scores; proposals whose scores tie exactly (saturated sigmoids of random
+    weights) come out of the sorts in an implementation-defined order, so they are compared as sets."""
+    tensors, config = fixture
+    image_sizes, _ = fixture_meta(config)
+    feats = published_tiny.extract_feat(tensors['network_input'])
+    boxes, scores = published_tiny.rpn_head.predict(feats, image_sizes)[0]
+    expected_boxes, expected_scores = tensors['proposals'], tensors['proposal_scores']
+    assert boxes.shape == expected_boxes.shape
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+    assert (scores[:-1] >= scores[1:]).all()
+    same_score = (scores[:, None] - expected_scores[None, :]).abs() < 1e-5
+    distance = torch.cdist(boxes, expected_boxes, p=float('inf')).masked_fill(~same_score, float('inf'))
+    assert distance.min(dim=1).values.max() < 0.05  # pixels of a 267 x 200 input
+    assert distance.min(dim=0).values.max() < 0.05
+
+
+def test_cascade_heads_match_fixture(fixture, published_tiny):
+    """From the network input and the fixture's proposals: mmdet's boxes, scores, labels and masks."""
+    tensors, config = fixture
+    image_sizes, scale_factors = fixture_meta(config)
+    feats = published_tiny.extract_feat(tensors['network_input'])
+    original_sizes = [tuple(tensors['image_rgb'].shape[:2])]
+    out = published_tiny.roi_head.predict(feats, [tensors['proposals']], image_sizes, original_sizes, scale_factors)[0]
+    assert out['boxes'].shape == tensors['boxes'].shape
+    torch.testing.assert_close(out['boxes'], tensors['boxes'], atol=2e-3, rtol=0)  # measured 4.1e-4
+    torch.testing.assert_close(out['scores'], tensors['scores'], atol=1e-4, rtol=0)  # measured 3.3e-5
+    assert torch.equal(out['labels'], tensors['labels'])
+    assert out['masks'].dtype == torch.bool and out['masks'].shape == tensors['masks'].shape
+    # a pixel may flip where the averaged mask probability sits at 0.5; measured: none of 480,000 do
+    assert (out['masks'] != tensors['masks']).sum() <= 10
+
+
+def test_predict_matches_fixture(fixture, published_tiny):
+    """The whole pipeline from the RGB image. Float rounding moves RoIAlign's adaptive sampling grid
+    at a few low-scoring boxes, so the comparison covers the ten best detections."""
+    tensors, _ = fixture
+    out = published_tiny.predict(tensors['image_rgb'].numpy())[0]
+    torch.testing.assert_close(out['boxes'][:10], tensors['boxes'][:10], atol=2e-2, rtol=0)
+    torch.testing.assert_close(out['scores'][:10], tensors['scores'][:10], atol=1e-3, rtol=0)
+    assert torch.equal(out['labels'][:10], tensors['labels'][:10])
+    assert (out['masks'][:10] != tensors['masks'][:10]).float().mean() < 0.01
+
+
+@pytest.mark.parametrize('name', list_detectors())
+def test_published_state_dict_names_and_shapes(name):
+    published = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())
+    with torch.device('meta'):
+        model = create_detector(name)
+    entry = published[model.published['file'][:-len('.pth')]]
+    expected = {k: tuple(shape) for k, shape in entry['state_dict']}
+    rename_published_keys_(expected, 'backbone.')
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+
+
+def test_predict_contract(confident_tiny):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (64, 50, 3), dtype=np.uint8)]
+    outputs = confident_tiny.predict(images)
+    assert len(outputs) == 2
+    for image, out in zip(images, outputs):
+        n = len(out['scores'])
+        assert 0 < n <= 100
+        assert out['boxes'].dtype == torch.float32 and out['boxes'].shape == (n, 4)
+        assert out['scores'].dtype == torch.float32 and (out['scores'][:-1] >= out['scores'][1:]).all()
+        assert out['labels'].dtype == torch.int64 and out['labels'].min() >= 0 and out['labels'].max() < 80
+        assert out['masks'].dtype == torch.bool and out['masks'].shape == (n, *image.shape[:2])
+        boxes = out['boxes']
+        assert (boxes[:, 2:] >= boxes[:, :2]).all() and (boxes >= 0).all()
+        assert (boxes[:, 2] <= image.shape[1]).all() and (boxes[:, 3] <= image.shape[0]).all()
+    assert confident_tiny.class_names[0] == 'person' and len(confident_tiny.palette) == 80
+
+
+def test_predict_batches_same_size_images(confident_tiny):
+    """Only images that pad to the same size share a forward, so batching changes nothing but the
+    rounding of batched matrix products (measured: boxes 2.3e-5, one mask pixel in 3.2 M)."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(2)]
+    images.insert(1, rng.integers(0, 256, (120, 90, 3), dtype=np.uint8))  # another padded size: its own batch
+    batched = confident_tiny.predict(images, batch_size=3)
+    for image, out in zip(images, batched):
+        single = confident_tiny.predict(image)[0]
+        assert torch.equal(out['labels'], single['labels'])
+        torch.testing.assert_close(out['boxes'], single['boxes'], atol=1e-3, rtol=0)
+        torch.testing.assert_close(out['scores'], single['scores'], atol=1e-5, rtol=0)
+        assert (out['masks'] != single['masks']).sum() <= 10
+
+
+def test_predict_tiny_and_huge_images(confident_tiny):
+    """A 1x1 image is upscaled and a 10000x8000 one downscaled by the protocol; masks come at image size."""
+    out = confident_tiny.predict(np.full((1, 1, 3), 128, np.uint8))[0]
+    assert out['masks'].shape[1:] == (1, 1) and (out['boxes'] <= 1).all()
+    confident_tiny.roi_head.max_per_img = 1  # one mask of 80 M pixels is enough
+    try:
+        huge = np.zeros((8000, 10000, 3), np.uint8)
+        huge[2000:6000, 3000:7000] = 200
+        out = confident_tiny.predict(huge)[0]
+    finally:
+        confident_tiny.roi_head.max_per_img = 100
+    assert len(out['scores']) == 1 and out['masks'].shape == (1, 8000, 10000)
+    assert (out['boxes'][:, 2] <= 10000).all() and (out['boxes'][:, 3] <= 8000).all()
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(ValueError, match='cascade_mask_rcnn_mambavision_t.nv_coco'):
+        create_detector('cascade_mask_rcnn_mambavision_tt.nv_coco')
+
+
+SMALL_T = dict(channels=32, fc_channels=64, backbone_kwargs=dict(depths=(1, 1, 1, 1)))  # the T width, shallow
+
+
+def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', **SMALL_T)
+    path = tmp_path / 'det.pth'
+    torch.save({'meta': {'epoch': 36}, 'state_dict': source.state_dict()}, path)
+    loaded = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', checkpoint_path=str(path), **SMALL_T)
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    calls = []
+    monkeypatch.setattr(detection, 'download_weights', lambda repo, file: calls.append((repo, file)) or str(path))
+    create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=True, **SMALL_T)
+    assert calls == [('nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco', 'cascade_mask_rcnn_mamba_vision_tiny_3x_coco.pth')]
+
+
+@pytest.mark.parametrize('state_dict, message', [
+    ({'stem.conv1.weight': torch.zeros(1), 'head.fc.weight': torch.zeros(1)}, 'holds a classification model'),
+    ({'backbone.stem.conv1.weight': torch.zeros(1), 'decode_head.conv_seg.weight': torch.zeros(1)},
+     'backbone-only or segmentation model'),
+    ({'neck.lateral_convs.0.conv.weight': torch.zeros(256, 96, 1, 1), 'roi_head.x': torch.zeros(1)},
+     r'is a MambaVision-S Cascade Mask R-CNN \(dim 96\), the model is MambaVision-T \(dim 80\)'),
+])
+def test_wrong_checkpoint_is_named(tmp_path, state_dict, message):
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': state_dict}, path)
+    with pytest.raises(ValueError, match=message) as info:
+        create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', checkpoint_path=str(path), **SMALL_T)
+    assert '\n' not in str(info.value) and str(path) in str(info.value)
+
+
+def test_batched_nms_follows_mmcv_beyond_its_split_threshold():
+    """From 10,000 boxes on, mmcv orders the kept boxes by a score sort over the kept set in index order."""
+    torch.manual_seed(0)
+    xy = torch.rand(12000, 2) * 500
+    boxes = torch.cat([xy, xy + 5 + torch.rand(12000, 2) * 50], dim=1)
+    scores, groups = torch.rand(12000), torch.randint(0, 80, (12000,))
+    keep = detection.batched_nms(boxes, scores, groups, 0.5)
+    per_group = torch.cat([
+        torch.nonzero(groups == g).squeeze(1)[
+            detection.nms(boxes[groups == g], scores[groups == g], 0.5)] for g in range(80)])
+    assert set(keep.tolist()) == set(per_group.tolist())
+    assert (scores[keep][:-1] >= scores[keep][1:]).all()
