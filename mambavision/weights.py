@@ -206,7 +206,9 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
 
     The classifier is dropped (and stays freshly initialised) when the file's class
     count differs from the model's (a file without one needs ``num_classes=0``); the
-    first conv is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs.
+    first conv is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs; a
+    classification file loaded into a dense backbone (``out_norm=True``) leaves its final
+    norm out and the out-norms freshly initialised.
     Any other missing, unexpected or mis-shaped tensor raises a ``RuntimeError`` naming it.
     """
     from timm.models._manipulate import adapt_input_conv
@@ -219,6 +221,11 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
     for name in ('head.fc.weight', 'head.fc.bias'):
         if name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
             state_dict[name] = own.get(name)  # another class count, or no classifier: keep the model's own head
+    if any(k.startswith('out_norms.') for k in own) and not any(k.startswith('out_norms.') for k in state_dict):
+        # classification weights into a dense backbone (fine-tuning as the published detectors were):
+        # its final norm has no place there, the out-norms start fresh
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('norm.')}
+        state_dict.update({k: v for k, v in own.items() if k.startswith('out_norms.')})
     state_dict = {k: v for k, v in state_dict.items() if v is not None}
     load_state_dict_strict(model, state_dict, f'weight file {_describe(path)}')
 

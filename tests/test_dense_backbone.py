@@ -224,3 +224,29 @@ def test_dense_tag_loads_the_backbone_of_a_published_file(fake_mmengine, tmp_pat
         **kwargs).eval()
     with torch.no_grad():
         _assert_outputs(model(tensors['input.0']), tensors, 0)
+
+
+def test_classification_weights_start_a_dense_backbone(tiny_a, tmp_path):
+    """As the published detectors were fine-tuned: ImageNet weights in, final norm left out, fresh out-norms."""
+    path = tmp_path / 'classification.pth'
+    torch.save({'state_dict': tiny_a.state_dict}, path)
+    model = tiny_a.create_model(
+        pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), features_only=True, out_norm=True)
+    reference = tiny_a.loaded_model()
+    x = tiny_a['input.0']
+    with torch.no_grad():
+        expected = reference.forward_intermediates(x, intermediates_only=True)
+        for out, stage, norm in zip(model(x), expected, model.model.out_norms):
+            torch.testing.assert_close(out, norm(stage))
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in model.model.out_norms)
+
+
+def test_dense_weights_do_not_fit_a_classification_model(tmp_path):
+    kwargs, state_dict, _ = _fixture('dense_backbone_a')
+    path = tmp_path / 'dense.pth'
+    torch.save({'state_dict': state_dict}, path)
+    with pytest.raises(RuntimeError, match=r'dense.pth does not fit MambaVision: missing: norm.weight.*'
+                                           r'unexpected: out_norms.0.bias') as info:
+        timm.create_model('test_mambavision', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          num_classes=0, **kwargs)
+    assert '\n' not in str(info.value)
