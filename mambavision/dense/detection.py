@@ -174,7 +174,8 @@ class RPNHead(nn.Module):
 def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, output_size: int) -> torch.Tensor:
     """mmdet's SingleRoIExtractor: RoIAlign each (K, 5) roi on the level its scale maps to -> (K, C, S, S).
 
-    Level floor(log2(sqrt(area) / 56)), clamped to 0..3; RoIAlign aligned, adaptive sampling.
+    Level floor(log2(sqrt(area) / 56)), clamped to 0..3; RoIAlign aligned, adaptive sampling, in
+    float32 whatever the features' dtype (the rois are pixel coordinates).
     """
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, len(ROI_STRIDES) - 1).long()
@@ -183,8 +184,8 @@ def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, output_size:
         inds = (levels == level).nonzero().squeeze(1)
         if inds.numel():
             out[inds] = roi_align(
-                feats[level], rois[inds].to(feats[level].dtype), output_size, spatial_scale=1 / stride,
-                sampling_ratio=0, aligned=True)
+                feats[level].float(), rois[inds], output_size, spatial_scale=1 / stride, sampling_ratio=0,
+                aligned=True).to(out.dtype)
     return out
 
 
@@ -379,8 +380,10 @@ class CascadeMaskRCNN(nn.Module):
         self.roi_head = CascadeRoIHead(channels, channels, fc_channels, num_classes)
         self.test_scale = tuple(test_scale)
         self.size_divisor = 32
-        self.class_names = list(COCO_CLASSES) if num_classes == len(COCO_CLASSES) else None
-        self.palette = list(COCO_PALETTE) if num_classes == len(COCO_CLASSES) else None
+        coco = num_classes == len(COCO_CLASSES)
+        self.class_names = list(COCO_CLASSES) if coco else [f'class {i}' for i in range(num_classes)]
+        self.palette = [list(c) for c in COCO_PALETTE] if coco else torch.randint(
+            0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(0), device='cpu').tolist()
         self.published: Optional[dict] = None
 
     def extract_feat(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -406,6 +409,8 @@ class CascadeMaskRCNN(nn.Module):
             Per image: boxes (N, 4) x1 y1 x2 y2 in original pixels, scores (N,), labels (N,) int64,
             masks (N, h, w) bool at the original size; highest score first.
         """
+        if len(image_sizes) != len(x):
+            raise ValueError(f'image_sizes needs one (h, w) per image: got {len(image_sizes)} for a batch of {len(x)}')
         feats = self.extract_feat(x)
         proposals = [boxes for boxes, _ in self.rpn_head.predict(feats, image_sizes)]
         return self.roi_head.predict(
@@ -438,6 +443,8 @@ class CascadeMaskRCNN(nn.Module):
             Per image: boxes (N, 4) float32 x1 y1 x2 y2 in image pixels, scores (N,), labels (N,)
             int64 in 0..num_classes-1, masks (N, H, W) bool; highest score first.
         """
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be at least 1, got {batch_size}')
         images = as_rgb_images(images)
         param = next(self.parameters())
         inputs = [self.preprocess(im) for im in images]
