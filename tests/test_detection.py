@@ -170,11 +170,23 @@ def test_unknown_name_suggests_close_names():
 SMALL_T = dict(channels=32, fc_channels=64, backbone_kwargs=dict(depths=(1, 1, 1, 1)))  # the T width, shallow
 
 
-def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch):
+def published_names(state_dict: dict) -> dict:
+    """Our tensor names -> the published ones (the inverse of the backbone's renaming, from the T file's names)."""
+    published = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())
+    names = {k: k for k, _ in published['cascade_mask_rcnn_mamba_vision_tiny_3x_coco']['state_dict']}
+    rename_published_keys_(names, 'backbone.')  # keys become ours, values stay published
+    return {names[k]: v for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize('naming', ['ours', 'published'])
+def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch, naming):
+    """A saved state dict of ours and a published-style mmengine file (published names, beside 'meta') load."""
     torch.manual_seed(0)
     source = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', **SMALL_T)
+    state_dict = source.state_dict() if naming == 'ours' else published_names(source.state_dict())
+    assert ('backbone.patch_embed.conv_down.0.weight' in state_dict) == (naming == 'published')
     path = tmp_path / 'det.pth'
-    torch.save({'meta': {'epoch': 36}, 'state_dict': source.state_dict()}, path)
+    torch.save({'meta': {'epoch': 36, 'mmdet_version': '3.3.0'}, 'state_dict': state_dict}, path)
     loaded = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', checkpoint_path=str(path), **SMALL_T)
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
