@@ -93,14 +93,20 @@ def test_cascade_heads_match_fixture(fixture, published_tiny):
 
 
 def test_predict_matches_fixture(fixture, published_tiny):
-    """The whole pipeline from the RGB image. Float rounding moves RoIAlign's adaptive sampling grid
-    at a few low-scoring boxes, so the comparison covers the ten best detections."""
+    """The whole pipeline from the RGB image. Float rounding in the backbone moves RoIAlign's adaptive
+    sampling grid at a few boxes, which then reorders near-equal scores or drops one out of the best 100,
+    so detections are matched as a set (measured: 99 of 100 within 0.013 px and 8.8e-4 in score, their
+    masks 19 pixels of 475,200 apart)."""
     tensors, _ = fixture
     out = published_tiny.predict(tensors['image_rgb'].numpy())[0]
-    torch.testing.assert_close(out['boxes'][:10], tensors['boxes'][:10], atol=2e-2, rtol=0)
-    torch.testing.assert_close(out['scores'][:10], tensors['scores'][:10], atol=1e-3, rtol=0)
-    assert torch.equal(out['labels'][:10], tensors['labels'][:10])
-    assert (out['masks'][:10] != tensors['masks'][:10]).float().mean() < 0.01
+    expected_boxes, expected_scores, expected_labels = tensors['boxes'], tensors['scores'], tensors['labels']
+    same = (expected_labels[:, None] == out['labels'][None]) & (
+        (expected_scores[:, None] - out['scores'][None]).abs() < 2e-3)
+    distance = torch.cdist(expected_boxes, out['boxes'], p=float('inf')).masked_fill(~same, float('inf'))
+    nearest, match = distance.min(dim=1)
+    matched = nearest < 0.05
+    assert matched.sum() >= 95
+    assert (out['masks'][match[matched]] != tensors['masks'][matched]).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize('name', list_detectors())
