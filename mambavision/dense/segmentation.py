@@ -1,0 +1,355 @@
+"""UPerNet semantic segmentation on MambaVision, as NVIDIA published it for ADE20K.
+
+The network is MMSegmentation 1.2.2's ``EncoderDecoder`` (a ``UPerHead`` and an auxiliary
+``FCNHead`` on the dense backbone) in plain PyTorch. Its submodules carry mmseg's names, so a
+published state dict loads with a plain strict ``load_state_dict`` (the backbone renames its
+published tensor names itself).
+
+    seg = create_segmenter('upernet_mambavision_t.nv_ade20k', pretrained=True)
+    result = seg.predict(Image.open('room.jpg'))[0]   # 'logits' (150, H, W), 'labels' (H, W)
+
+``seg(x)`` on a normalised (B, 3, H, W) batch gives the decode head's logits at 1/4 size; in
+train mode it gives ``(decode_logits, aux_logits)``, and ``seg.loss(x, target)`` forms mmseg's
+training loss from them.
+"""
+from collections import OrderedDict, defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'ConvBNReLU', 'create_segmenter', 'list_segmenters']
+
+IGNORE_INDEX = 255
+AUX_LOSS_WEIGHT = 0.4
+MAX_LOGITS_ELEMENTS = 2 ** 30  # predict's largest logits at an image's size (4 GiB of float32)
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) to ``size`` with align_corners=False, as mmseg's heads do."""
+    return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """mmcv's ConvModule as the published heads use it: conv (no bias, 'same' padding) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1):
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
+            bn=nn.BatchNorm2d(out_chs),
+            relu=nn.ReLU(inplace=True),
+        ))
+        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv's init
+
+
+class AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(size)`` written as two small averaging matrices: (B, C, H, W) -> (B, C, size, size).
+
+    The bins are PyTorch's (rows floor(i H / size) .. ceil((i + 1) H / size)); unlike the
+    built-in op this form exports to ONNX with a dynamic input size.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def _bins(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """(size, length) matrix whose row i averages bin i."""
+        i = torch.arange(self.size, device=like.device)
+        start, end = (i * length) // self.size, ((i + 1) * length + self.size - 1) // self.size
+        pos = torch.arange(length, device=like.device)
+        inside = ((pos >= start[:, None]) & (pos < end[:, None])).to(like.dtype)
+        return inside / (end - start)[:, None].to(like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._bins(x.shape[-2], x) @ x @ self._bins(x.shape[-1], x).T
+
+    def extra_repr(self) -> str:
+        return f'size={self.size}'
+
+
+class _SegHead(nn.Module):
+    """What both heads end with (mmseg's ``cls_seg``): Dropout2d, then a 1x1 classifier ``conv_seg``."""
+
+    def __init__(self, channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def cls_seg(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(x))
+
+
+class UPerHead(_SegHead):
+    """mmseg's UPerHead: a pyramid pooling module on the last map, an FPN over all maps, fused at the first.
+
+    (B, in_channels[i], H_i, W_i) for each level -> (B, num_classes, H_0, W_0).
+    """
+
+    def __init__(
+            self, in_channels: Sequence[int], channels: int = 512, num_classes: int = 150,
+            pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1):
+        super().__init__(channels, num_classes, dropout)
+        top = in_channels[-1]
+        self.psp_modules = nn.ModuleList([
+            nn.Sequential(AdaptiveAvgPool(scale), ConvBNReLU(top, channels)) for scale in pool_scales])
+        self.bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels) for c in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        top = features[-1]
+        pooled = [_resize(pool(top), top.shape[-2:]) for pool in self.psp_modules]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+        outs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        size = outs[0].shape[-2:]
+        fused = torch.cat([outs[0]] + [_resize(out, size) for out in outs[1:]], dim=1)
+        return self.cls_seg(self.fpn_bottleneck(fused))
+
+
+class FCNHead(_SegHead):
+    """mmseg's FCNHead as the published auxiliary head: one 3x3 ConvBNReLU, no input concat.
+
+    (B, in_chs, H, W) -> (B, num_classes, H, W).
+    """
+
+    def __init__(self, in_chs: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
+        super().__init__(channels, num_classes, dropout)
+        self.convs = nn.Sequential(ConvBNReLU(in_chs, channels, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls_seg(self.convs(x))
+
+
+def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) -> (H, W) int64, the first best class as ``argmax(0)`` (which is many times slower for few classes)."""
+    return logits.max(0).indices
+
+
+def _bilinear_taps(in_size: int, out_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """PyTorch's bilinear (align_corners=False) sources along one axis: indices i0, i1 and weights w0, w1
+    (bit-identical to ``F.interpolate``'s)."""
+    scale = (torch.tensor(in_size, dtype=torch.float32) / out_size).double()  # float32 scale, then a fused
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp(min=0)  # multiply-add
+    i0 = src.long()
+    w1 = (src - i0).clamp(0, 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return tuple(t.to(device) for t in (i0, i1, 1 - w1, w1))
+
+
+def _labels_in_row_blocks(logits: torch.Tensor, size: Tuple[int, int], block_elements: int = 2 ** 25) -> torch.Tensor:
+    """``_resize(logits[None], size)[0].argmax(0)`` for (C, h, w) logits -> (H, W) int64 on the CPU.
+
+    A block of rows at a time (interpolated down the height, then across the width), so the
+    label map of a huge image never holds all its logits at once.
+    """
+    (c, h, _), (height, width) = logits.shape, size
+    y0, y1, w0, w1 = _bilinear_taps(h, height, logits.device)
+    labels = torch.empty(size, dtype=torch.int64)
+    step = max(1, block_elements // (c * width))
+    for start in range(0, height, step):
+        rows = slice(start, start + step)
+        block = w0[rows, None] * logits[:, y0[rows]] + w1[rows, None] * logits[:, y1[rows]]
+        labels[rows] = _argmax_classes(_resize(block[None], (block.shape[1], width))[0]).cpu()
+    return labels
+
+
+class UPerNet(nn.Module):
+    """MambaVision + UPerHead (+ an auxiliary FCNHead for training): mmseg's EncoderDecoder.
+
+    Args:
+        backbone: a dense MambaVision (``mambavision.model.create_dense_backbone``) or any module
+            with ``feature_info`` and ``forward_intermediates(x, intermediates_only=True)``
+            giving four maps at strides 4, 8, 16, 32.
+        num_classes: output classes.
+        channels: width of the decode head.
+        aux_channels: width of the auxiliary head (on the stride-16 map).
+        pool_scales: output sizes of the pyramid pooling module.
+        dropout: Dropout2d before each classifier.
+        test_scale: ``predict``'s keep-ratio resize target (long side, short side).
+        class_names, palette: class names and RGB colours for display, one per class.
+    """
+
+    def __init__(
+            self,
+            backbone: nn.Module,
+            num_classes: int = 150,
+            channels: int = 512,
+            aux_channels: int = 256,
+            pool_scales: Sequence[int] = (1, 2, 3, 6),
+            dropout: float = 0.1,
+            test_scale: Tuple[int, int] = (2048, 512),
+            class_names: Optional[Sequence[str]] = None,
+            palette: Optional[Sequence[Sequence[int]]] = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        in_channels = [info['num_chs'] for info in backbone.feature_info]
+        self.decode_head = UPerHead(in_channels, channels, num_classes, pool_scales, dropout)
+        self.auxiliary_head = FCNHead(in_channels[2], aux_channels, num_classes, dropout)
+        self.num_classes = num_classes
+        self.in_chans = 3
+        self.test_scale = tuple(test_scale)
+        self.class_names = list(class_names) if class_names else [f'class {i}' for i in range(num_classes)]
+        self.palette = [list(c) for c in palette] if palette else torch.randint(
+            0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(0), device='cpu').tolist()
+        if len(self.class_names) != num_classes or len(self.palette) != num_classes:
+            raise ValueError(f'class_names and palette need one entry per class ({num_classes}), '
+                             f'got {len(self.class_names)} and {len(self.palette)}')
+        self.published: Dict[str, Any] = {}
+
+    def extract_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """(B, 3, H, W) normalised images -> the backbone's four maps (strides 4, 8, 16, 32)."""
+        return self.backbone.forward_intermediates(x, intermediates_only=True)
+
+    def forward(self, x: torch.Tensor):
+        """(B, 3, H, W) normalised images -> decode logits (B, num_classes, ~H/4, ~W/4).
+
+        In train mode: ``(decode_logits, aux_logits)``, the auxiliary logits at ~H/16, ~W/16.
+        """
+        features = self.extract_features(x)
+        logits = self.decode_head(features)
+        return (logits, self.auxiliary_head(features[2])) if self.training else logits
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """mmseg's training loss for images ``x`` (B, 3, H, W) and labels ``target`` (B, H, W) int64.
+
+        Both heads' logits are resized bilinearly to the labels' size; loss = CE(decode) + 0.4 CE(aux),
+        each the mean over all pixels, ``ignore_index`` pixels counting as zero (mmseg's default).
+        """
+        features = self.extract_features(x)
+        total = 0.
+        for logits, weight in ((self.decode_head(features), 1.), (self.auxiliary_head(features[2]), AUX_LOSS_WEIGHT)):
+            ce = F.cross_entropy(_resize(logits, target.shape[-2:]), target, ignore_index=ignore_index, reduction='none')
+            total = total + weight * ce.mean()
+        return total
+
+    @torch.no_grad()
+    def predict(self, images, batch_size: int = 4, return_logits: bool = True) -> List[Dict[str, torch.Tensor]]:
+        """Segment images as the published test protocol does (keep-ratio resize, whole-image inference).
+
+        Args:
+            images: one image or a list: PIL, (H, W, 3) uint8 RGB array or tensor, or a path.
+            batch_size: images of the same resized size run together, this many at a time.
+            return_logits: False: ``labels`` alone, made a block of rows at a time (for images whose
+                logits at full size would not fit in memory; over 4 GiB they are refused).
+
+        Returns one dict per image: ``logits`` (num_classes, H, W) float32 and ``labels`` (H, W)
+        int64, at the image's size (CPU tensors).
+        """
+        from .image import as_rgb_images, normalize, resize_keep_ratio
+
+        originals = as_rgb_images(images)
+        for h, w, _ in (image.shape for image in originals) if return_logits else ():
+            if self.num_classes * h * w > MAX_LOGITS_ELEMENTS:
+                raise ValueError(
+                    f'the logits of a {w}x{h} image ({self.num_classes} classes) would take '
+                    f'{self.num_classes * h * w * 4 / 2 ** 30:.0f} GiB; predict(..., return_logits=False) gives its labels alone')
+        inputs = [normalize(resize_keep_ratio(image, self.test_scale)[0]) for image in originals]
+        by_size = defaultdict(list)
+        for i, x in enumerate(inputs):
+            by_size[tuple(x.shape)].append(i)
+        weight = next(self.parameters())
+        results = [None] * len(inputs)
+        was_training = self.training
+        self.eval()
+        try:
+            for indices in by_size.values():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start:start + batch_size]
+                    batch = torch.stack([inputs[i] for i in chunk]).to(weight.device, weight.dtype)
+                    for i, logits in zip(chunk, self(batch).float()):
+                        results[i] = self._postprocess(logits, batch.shape[-2:], originals[i].shape[:2], return_logits)
+        finally:
+            self.train(was_training)
+        return results
+
+    @staticmethod
+    def _postprocess(logits: torch.Tensor, input_size, image_size, return_logits: bool) -> Dict[str, torch.Tensor]:
+        """(C, h, w) decode logits -> logits and labels at the image size, resized as mmseg does: first to the
+        network input's size, then to the image's."""
+        logits = _resize(logits[None], input_size)
+        if not return_logits:
+            return dict(labels=_labels_in_row_blocks(logits[0], image_size))
+        logits = _resize(logits, image_size)[0]
+        return dict(logits=logits.cpu(), labels=_argmax_classes(logits).cpu())
+
+
+# name -> (backbone architecture, its windows, Hugging Face repo (file = repo name + '.pth'), test scale, mIoU)
+_PUBLISHED = {
+    'upernet_mambavision_t.nv_ade20k': (
+        'mambavision_t', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-512x512_tiny', (2048, 512), 46.0),
+    'upernet_mambavision_s.nv_ade20k': (
+        'mambavision_s', (8, 8, 160, 56), 'nvidia/mamba_vision_160k_ade20k-512x512_small', (2048, 512), 48.2),
+    'upernet_mambavision_b.nv_ade20k': (
+        'mambavision_b', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-512x512_base', (2048, 512), 49.1),
+    'upernet_mambavision_l3.nv_in21k_ade20k_640': (
+        'mambavision_l3_256', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', (2560, 640), 53.2),
+}
+_VARIANT_BY_DIM = {80: 'MambaVision-T', 96: 'MambaVision-S', 128: 'MambaVision-B', 256: 'MambaVision-L3'}
+
+
+def list_segmenters() -> List[str]:
+    """Names ``create_segmenter`` accepts."""
+    return list(_PUBLISHED)
+
+
+def _check_segmenter_file(state_dict: dict, model: UPerNet, source: str):
+    """One-line errors for a file that holds another kind of model or another backbone width."""
+    if not any(k.startswith('decode_head.') for k in state_dict):
+        held = ('a detection model (roi_head.* tensors)' if any(k.startswith('roi_head.') for k in state_dict)
+                else 'a backbone-only model (no decode_head.* tensors)' if any(k.startswith('backbone.') for k in state_dict)
+                else 'a classification model (no backbone.*/decode_head.* tensors)')
+        raise ValueError(f'{source} holds {held}, not an UPerNet segmenter')
+    lateral = state_dict.get('decode_head.lateral_convs.0.conv.weight')
+    file_dim, model_dim = (lateral.shape[1] if lateral is not None else None), model.backbone.feature_info[0]['num_chs']
+    if file_dim != model_dim:
+        file_variant, model_variant = (_VARIANT_BY_DIM.get(d, 'MambaVision') for d in (file_dim, model_dim))
+        raise ValueError(
+            f'{source} is a {file_variant} UPerNet (dim {file_dim}), the model is {model_variant} '
+            f'(dim {model_dim}); pick the segmenter name that matches the file')
+
+
+def create_segmenter(
+        name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None,
+        backbone_kwargs: Optional[dict] = None, **kwargs,
+) -> UPerNet:
+    """A published UPerNet (see ``list_segmenters()``), in eval mode.
+
+    Args:
+        name: e.g. 'upernet_mambavision_t.nv_ade20k'.
+        pretrained: download the published weights (Hugging Face; cached).
+        checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
+        backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
+        kwargs: ``UPerNet`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
+            load into everything but the two 1x1 classifiers, which stay freshly initialised).
+    """
+    from . import unknown_name_error
+    from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+    from ..model import create_dense_backbone
+    from ..weights import download_weights, load_state_dict_strict, read_state_dict
+
+    if name not in _PUBLISHED:
+        raise unknown_name_error('segmenter', name, list(_PUBLISHED))
+    arch, windows, repo, test_scale, miou = _PUBLISHED[name]
+    ade20k = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE) if kwargs.get('num_classes', 150) == 150 else {}
+    kwargs = {'test_scale': test_scale, **ade20k, **kwargs}
+    model = UPerNet(create_dense_backbone(arch, windows, **(backbone_kwargs or {})), **kwargs)
+    filename = repo.split('/')[-1] + '.pth'
+    model.published = dict(hf_repo=repo, file=filename, miou=miou)
+    if checkpoint_path is not None or pretrained:
+        source = checkpoint_path if checkpoint_path is not None else download_weights(repo, filename)
+        state_dict = read_state_dict(source)
+        _check_segmenter_file(state_dict, model, str(source))
+        classifier = state_dict.get('decode_head.conv_seg.weight')
+        if classifier is not None and classifier.shape[0] != model.num_classes:  # own classes: fresh classifiers
+            state_dict = {**state_dict, **{k: v for k, v in model.state_dict().items() if '.conv_seg.' in k}}
+        load_state_dict_strict(model, state_dict, str(source))
+    return model.eval()

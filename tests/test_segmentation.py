@@ -1,0 +1,310 @@
+"""UPerNet segmentation: exact against mmseg's output (``upernet_tiny``), the published state dicts
+load, ``predict`` on every kind of input and size, bad input, training and ONNX export."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from mambavision.dense import segmentation
+from mambavision.dense.segmentation import AdaptiveAvgPool, UPerNet, create_segmenter, list_segmenters
+from mambavision.model import create_dense_backbone
+from mambavision.weights import rename_published_keys_
+
+FIXTURES = Path(__file__).parent / 'fixtures' / 'dense'
+REL_TOL = 1e-5
+# the published ADE20K models, by their entry in downstream_state_dict_keys.json
+PUBLISHED = {
+    'upernet_mambavision_t.nv_ade20k': 'mamba_vision_160k_ade20k_tiny',
+    'upernet_mambavision_s.nv_ade20k': 'mamba_vision_160k_ade20k_small',
+    'upernet_mambavision_b.nv_ade20k': 'mamba_vision_160k_ade20k_base',
+    'upernet_mambavision_l3.nv_in21k_ade20k_640': 'mamba_vision_160k_ade20k_l3_21k',
+}
+
+
+def _tiny_upernet(num_classes=19, channels=32, aux_channels=16, test_scale=(512, 128), seed=0) -> UPerNet:
+    """The ``upernet_tiny`` configuration (random weights unless loaded)."""
+    torch.manual_seed(seed)
+    backbone = create_dense_backbone(
+        'test_mambavision', (8, 8, 32, 16), dim=16, in_dim=8, depths=(1, 2, 3, 2), num_heads=(1, 2, 2, 4))
+    return UPerNet(backbone, num_classes, channels, aux_channels, test_scale=test_scale).eval()
+
+
+def _rel_error(got, expected):
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope='module')
+def golden():
+    return load_file(FIXTURES / 'upernet_tiny.safetensors')
+
+
+@pytest.fixture(scope='module')
+def fixture_model(golden):
+    """``upernet_tiny``'s model with its weights, loaded strictly under the published names."""
+    model = _tiny_upernet()
+    model.load_state_dict({k[len('state_dict.'):]: v for k, v in golden.items() if k.startswith('state_dict.')})
+    return model
+
+
+def test_fixture_config_is_the_one_we_build():
+    config = json.loads((FIXTURES / 'upernet_tiny.json').read_text())['model']
+    decode, aux = config['decode_head'], config['auxiliary_head']
+    assert (decode['channels'], decode['num_classes'], decode['pool_scales'], aux['channels'], aux['in_index']) == (
+        32, 19, [1, 2, 3, 6], 16, 2)
+    assert config['test_cfg'] == {'mode': 'whole'}
+
+
+def test_fixture_decode_and_aux_logits(golden, fixture_model):
+    x = golden['network_input']
+    with torch.no_grad():
+        decode = fixture_model(x)
+        aux = fixture_model.auxiliary_head(fixture_model.extract_features(x)[2])
+    assert decode.shape == golden['decode_logits'].shape and aux.shape == golden['aux_logits'].shape
+    assert _rel_error(decode, golden['decode_logits']) < REL_TOL
+    assert _rel_error(aux, golden['aux_logits']) < REL_TOL
+    fixture_model.train()
+    try:
+        with torch.no_grad():  # train mode (batch 2: BatchNorm needs more than one value per channel): both
+            decode_train, aux_train = fixture_model(x.expand(2, -1, -1, -1))
+    finally:
+        fixture_model.eval()
+        fixture_model.load_state_dict(
+            {k[len('state_dict.'):]: v for k, v in golden.items() if k.startswith('state_dict.')})  # BN statistics
+    assert decode_train.shape == (2, *decode.shape[1:]) and aux_train.shape == (2, *aux.shape[1:])
+
+
+def test_fixture_predict_input_logits_and_labels(golden, fixture_model):
+    """Image -> the test pipeline's network input -> final logits at the image size and the label map."""
+    seen = []
+    hook = fixture_model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        result = fixture_model.predict(golden['image_rgb'].numpy())
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], golden['network_input'])
+    (result,) = result
+    assert result['logits'].dtype == torch.float32 and result['logits'].shape == golden['seg_logits'].shape
+    assert _rel_error(result['logits'], golden['seg_logits']) < REL_TOL
+    expected = golden['pred'][0]
+    top2 = golden['seg_logits'].topk(2, dim=0).values
+    tie = (top2[0] - top2[1]) < 1e-5 * top2.abs().max()
+    assert result['labels'].dtype == torch.int64
+    assert torch.equal(result['labels'][~tie], expected[~tie])
+    assert torch.equal(result['labels'], result['logits'].argmax(0))
+
+
+@pytest.mark.parametrize('name', list(PUBLISHED))
+def test_published_state_dict_names_and_shapes(name):
+    """Every tensor of the published file has our model's name (after the backbone's renaming) and shape."""
+    entry = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())[PUBLISHED[name]]
+    with torch.device('meta'):
+        model = create_segmenter(name)
+    published = {n: torch.empty(shape, device='meta') for n, shape in entry['state_dict']}
+    rename_published_keys_(published, 'backbone.')
+    ours = model.state_dict()
+    assert {n: tuple(t.shape) for n, t in published.items()} == {n: tuple(t.shape) for n, t in ours.items()}
+    windows = [stage.window_size for stage in model.backbone.stages[2:]]
+    assert windows == entry['backbone']['window_size'][2:]
+    assert model.published['file'] == model.published['hf_repo'].split('/')[-1] + '.pth'
+    assert model.test_scale == ((2560, 640) if 'l3' in name else (2048, 512))
+    assert len(model.class_names) == len(model.palette) == 150 and model.class_names[0] == 'wall'
+
+
+def test_list_segmenters():
+    assert list_segmenters() == list(PUBLISHED)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict on every kind of input
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    return _tiny_upernet(num_classes=4, channels=8, aux_channels=8, test_scale=(96, 64), seed=1)
+
+
+def _check(result, size, num_classes=4):
+    assert set(result) == {'logits', 'labels'}
+    assert result['logits'].shape == (num_classes, *size) and result['logits'].dtype == torch.float32
+    assert result['labels'].shape == size and result['labels'].dtype == torch.int64
+    assert torch.isfinite(result['logits']).all()
+    assert torch.equal(result['labels'], result['logits'].argmax(0))
+
+
+def test_predict_input_kinds_agree(tiny):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)  # odd size
+    expected = tiny.predict(array)
+    assert isinstance(expected, list) and len(expected) == 1
+    _check(expected[0], (37, 53))
+    for same in (Image.fromarray(array), torch.from_numpy(array), [array]):
+        (result,) = tiny.predict(same)
+        assert torch.equal(result['labels'], expected[0]['labels'])
+        torch.testing.assert_close(result['logits'], expected[0]['logits'])
+
+
+def test_predict_list_batches_same_sizes_and_keeps_order(tiny):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(40, 60, 3), (61, 29, 3), (40, 60, 3)]]
+    calls = []
+    hook = tiny.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        results = tiny.predict(images)
+    finally:
+        hook.remove()
+    assert sorted(calls) == [1, 2]  # the two 40x60 images in one batch
+    for image, result in zip(images, results):
+        _check(result, image.shape[:2])
+        (alone,) = tiny.predict(image)
+        torch.testing.assert_close(result['logits'], alone['logits'], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_one_pixel_image(tiny):
+    (result,) = tiny.predict(np.full((1, 1, 3), 200, np.uint8))
+    _check(result, (1, 1))
+
+
+def test_predict_restores_train_mode(tiny):
+    tiny.train()
+    try:
+        first = tiny.predict(np.zeros((20, 30, 3), np.uint8))[0]['logits']
+        assert tiny.training
+        torch.testing.assert_close(tiny.predict(np.zeros((20, 30, 3), np.uint8))[0]['logits'], first)  # no dropout
+    finally:
+        tiny.eval()
+
+
+def test_label_blocks_equal_full_resize(monkeypatch):
+    """Labels alone (a block of rows at a time) = argmax of the full bilinear resize."""
+    logits = torch.randn(5, 23, 31)
+    for size in [(97, 120), (23, 31), (7, 200), (1, 1)]:
+        expected = F.interpolate(logits[None], size, mode='bilinear', align_corners=False)[0].argmax(0)
+        assert torch.equal(segmentation._labels_in_row_blocks(logits, size, block_elements=5 * 120 * 3), expected)
+
+
+def test_predict_labels_alone_equal_full(tiny):
+    image = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    (full,), (alone,) = tiny.predict(image), tiny.predict(image, return_logits=False)
+    assert set(alone) == {'labels'} and torch.equal(alone['labels'], full['labels'])
+
+
+def test_predict_huge_image():
+    """A 10000x8000 image is resized by the protocol and its labels come a block of rows at a time; asking
+    for its logits at full size when they are huge (150 classes: 45 GiB) is refused in one line, before any work."""
+    image = np.zeros((8000, 10000, 3), np.uint8)  # zero pages: cheap
+    image[2000:6000, 3000:7000] = (250, 120, 30)
+    with pytest.raises(ValueError, match=r'^the logits of a 10000x8000 image \(150 classes\) would take 45 GiB; '
+                                         r'predict\(\.\.\., return_logits=False\) gives its labels alone$'):
+        _tiny_upernet(num_classes=150).predict(image)
+    model = _tiny_upernet(num_classes=2, channels=8, aux_channels=8, test_scale=(96, 64))  # 2 classes: quicker
+    outputs = []
+    hook = model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        (result,) = model.predict(image, return_logits=False)
+    finally:
+        hook.remove()
+    (decode,) = outputs
+    assert decode.shape[-2:] == (64 // 4, 80 // 4)  # the network saw the image resized to 80x64
+    labels = result['labels']
+    assert set(result) == {'labels'} and labels.shape == (8000, 10000) and labels.dtype == torch.int64
+    # sampled rows against PyTorch's own resize (mmseg's two: to the network input, then to the image)
+    rows = [0, 1, 2999, 4000, 7998, 7999]
+    at_input = F.interpolate(decode, (64, 80), mode='bilinear', align_corners=False)
+    tall = F.interpolate(at_input, (8000, 80), mode='bilinear', align_corners=False)[:, :, rows]
+    expected = F.interpolate(tall, (len(rows), 10000), mode='bilinear', align_corners=False)[0]
+    top2 = expected.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5 * top2.abs().max()
+    assert clear.float().mean() > 0.99
+    assert torch.equal(labels[rows][clear], expected.argmax(0)[clear])
+
+
+@pytest.mark.parametrize('bad, message', [
+    (np.zeros((10, 10, 3), np.float32), 'uint8'),
+    ('no-such-image.png', 'no-such-image.png'),
+])
+def test_predict_bad_input_is_one_line(tiny, bad, message):
+    with pytest.raises((ValueError, FileNotFoundError, OSError)) as info:
+        tiny.predict(bad)
+    assert message in str(info.value) and '\n' not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# create_segmenter: names and weight files
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(ValueError, match=r"unknown segmenter 'upernet_mambavision_tt.nv_ade20k'.*upernet_mambavision_t"):
+        create_segmenter('upernet_mambavision_tt.nv_ade20k')
+
+
+def _tiny_segmenter(**kwargs):
+    """create_segmenter's T entry on a tiny backbone (the same names as the real one)."""
+    tiny_backbone = dict(dim=16, in_dim=8, depths=(1, 2, 3, 2), num_heads=(1, 2, 2, 4))
+    return create_segmenter('upernet_mambavision_t.nv_ade20k', backbone_kwargs=tiny_backbone, channels=32,
+                            aux_channels=16, **kwargs)
+
+
+def test_checkpoint_path_reads_published_and_own_files(tmp_path, golden, fixture_model):
+    """A published-style mmengine file (published names, beside 'meta') and our own saved state dict."""
+    published = tmp_path / 'published.pth'
+    torch.save({'meta': {'mmseg_version': '1.2.2', 'iter': 160000},
+                'state_dict': {k[len('state_dict.'):]: v for k, v in golden.items() if k.startswith('state_dict.')}},
+               published)
+    loaded = _tiny_segmenter(checkpoint_path=str(published), num_classes=19)
+    expected = fixture_model.state_dict()
+    assert not loaded.training and loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(t, expected[n]) for n, t in loaded.state_dict().items())
+    own = tmp_path / 'own.pth'
+    torch.save(loaded.state_dict(), own)
+    again = _tiny_segmenter(checkpoint_path=str(own), num_classes=19)
+    assert all(torch.equal(t, expected[n]) for n, t in again.state_dict().items())
+
+
+def test_pretrained_downloads_the_published_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = _tiny_segmenter()
+    path = tmp_path / 'mamba_vision_160k_ade20k-512x512_tiny.pth'
+    torch.save({'meta': {'note': 'x'}, 'state_dict': source.state_dict()}, path)
+    asked = []
+
+    def fake_download(repo_id, filename, cache_dir=None):
+        asked.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr('mambavision.weights.download_weights', fake_download)
+    model = _tiny_segmenter(pretrained=True)
+    assert asked == [('nvidia/mamba_vision_160k_ade20k-512x512_tiny', 'mamba_vision_160k_ade20k-512x512_tiny.pth')]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    assert model.published == dict(hf_repo='nvidia/mamba_vision_160k_ade20k-512x512_tiny',
+                                   file='mamba_vision_160k_ade20k-512x512_tiny.pth', miou=46.0)
+
+
+def test_own_classes_keep_fresh_classifiers(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / 'ade.pth'
+    source = _tiny_segmenter()
+    torch.save(source.state_dict(), path)
+    model = _tiny_segmenter(checkpoint_path=str(path), num_classes=5)
+    assert model.decode_head.conv_seg.out_channels == 5 and len(model.class_names) == 5
+    torch.testing.assert_close(model.decode_head.bottleneck.conv.weight, source.decode_head.bottleneck.conv.weight)
+
+
+@pytest.mark.parametrize('content, message', [
+    ({'state_dict': {'patch_embed.conv_down.0.weight': torch.zeros(1), 'head.weight': torch.zeros(1)}},
+     'holds a classification model'),
+    ({'state_dict': {'backbone.x': torch.zeros(1), 'roi_head.bbox_head.0.fc_cls.weight': torch.zeros(1)}},
+     'holds a detection model'),
+    ({'state_dict': {'decode_head.lateral_convs.0.conv.weight': torch.zeros(512, 96, 1, 1)}},
+     'is a MambaVision-S UPerNet (dim 96), the model is MambaVision (dim 16); pick the segmenter name'),
+])
+def test_wrong_checkpoint_is_one_line(tmp_path, content, message):
+    path = tmp_path / 'wrong.pth'
+    torch.save(content, path)
+    with pytest.raises(ValueError) as info:
+        _tiny_segmenter(checkpoint_path=str(path))
+    assert message in str(info.value) and '\n' not in str(info.value)
