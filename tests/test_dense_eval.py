@@ -17,6 +17,9 @@ from mambavision.dense.evaluate import (
     segmentation_metrics,
 )
 
+# pycocotools' mask.decode warns under numpy 2 (its own code); the decoded masks are right
+pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
+
 IGN = 255
 LABEL = torch.tensor([[0, 0, 1, 1],
                       [0, 0, 1, 1],

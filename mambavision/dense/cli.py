@@ -22,7 +22,8 @@ from .evaluate import (
     COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_image_paths, coco_results, intersect_and_union,
     load_coco, read_ade20k_label, read_image, segmentation_metrics,
 )
-from .visualize import draw_detections, label_map_image, segmentation_overlay
+from .image import as_rgb_images
+from .visualize import class_shares, draw_detections, label_map_image, segmentation_overlay
 
 __all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
 
@@ -43,7 +44,7 @@ def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: 
     except ValueError as e:  # unknown name (with close names), bad option
         raise CliError(_one_line(e)) from None
     except (RuntimeError, OSError) as e:  # no download (offline), unreadable or mismatched weight file
-        hint = '' if checkpoint else '; to run without the hub, download the published file and pass --checkpoint FILE'
+        hint = '' if checkpoint else ' (--checkpoint FILE runs a local copy of the published file)'
         raise CliError(f'{_one_line(e)}{hint}') from None
     return model.eval().to(device or 'cpu')
 
@@ -67,11 +68,11 @@ def _read_images(paths: List[str]) -> Dict[str, str]:
     return stems
 
 
-def _predict(model, path: str):
+def _predict(model, path: str, **options):
     """(the (H, W, 3) uint8 RGB image at ``path``, the model's prediction for it)."""
-    image = np.asarray(_open_image(path))
+    image = as_rgb_images(path)[0]
     with torch.inference_mode():
-        return image, model.predict(image)[0]
+        return image, model.predict(image, **options)[0]
 
 
 def add_arguments_segment(parser: argparse.ArgumentParser):
@@ -84,14 +85,13 @@ def run_segment(args) -> int:
     model = create_dense_model('seg', args.model, args.checkpoint, device)
     os.makedirs(args.output, exist_ok=True)
     for path, stem in stems.items():
-        image, result = _predict(model, path)
+        image, result = _predict(model, path, return_logits=False)  # labels alone: no (classes, H, W) logits
         labels = result['labels'].cpu().numpy()
         label_file, overlay_file = (os.path.join(args.output, f'{stem}_{kind}.png') for kind in ('labels', 'overlay'))
         label_map_image(labels, model.palette).save(label_file)
         segmentation_overlay(image, labels, model.palette, model.class_names).save(overlay_file)
-        classes, counts = np.unique(labels, return_counts=True)
-        largest = ', '.join(f'{model.class_names[classes[i]]} {100 * counts[i] / labels.size:.1f}%'
-                            for i in np.argsort(-counts, kind='stable')[:5])
+        largest = ', '.join(f'{model.class_names[c]} {100 * share:.1f}%'
+                            for c, share in class_shares(labels, len(model.class_names))[:5])
         print(f'{path}: {label_file}, {overlay_file} ({largest})')
     return 0
 
@@ -141,18 +141,23 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
         raise CliError(f'--ema applies to classification training checkpoints, not to --task {args.task}')
     if args.task == 'det' and not args.annotations:
         raise CliError('--task det needs --annotations FILE, the COCO instances json (e.g. annotations/instances_val2017.json)')
-    if args.task == 'seg':
-        samples = ade20k_samples(args.data_dir, args.val_split)  # check the data before building the model
-    else:
-        coco = load_coco(args.annotations)
-        split_dir = Path(args.data_dir) / Path(args.annotations).stem.removeprefix('instances_')
-        image_paths = coco_image_paths(coco, str(split_dir if split_dir.is_dir() else args.data_dir))
+    try:  # the data is checked before the model is built
+        if args.task == 'seg':
+            samples = ade20k_samples(args.data_dir, args.val_split)
+        else:
+            coco = load_coco(args.annotations)
+            split_dir = Path(args.data_dir) / Path(args.annotations).stem.removeprefix('instances_')
+            image_paths = coco_image_paths(coco, str(split_dir if split_dir.is_dir() else args.data_dir))
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise CliError(_one_line(e)) from None
     model = create_dense_model(args.task, args.model, args.checkpoint, device)
     header = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', task=args.task)
 
+    options = dict(return_logits=False) if args.task == 'seg' else {}
+
     def predict(path):
         with torch.inference_mode(), amp_autocast(device.type, args.amp):
-            return model.predict(read_image(path))[0]
+            return model.predict(read_image(path), **options)[0]
 
     if args.task == 'seg':
         areas = torch.zeros(4, len(model.class_names), dtype=torch.int64)

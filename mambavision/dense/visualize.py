@@ -1,12 +1,12 @@
 """Pictures of dense predictions: palette label maps, overlays with a legend, detections drawn on the image."""
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-__all__ = ['label_map_image', 'segmentation_overlay', 'draw_detections']
+__all__ = ['label_map_image', 'class_shares', 'segmentation_overlay', 'draw_detections']
 
 Color = Tuple[int, int, int]
 
@@ -27,27 +27,44 @@ def label_map_image(labels: np.ndarray, palette: Sequence[Color]) -> Image.Image
     return image
 
 
+def class_shares(labels: np.ndarray, num_classes: int) -> List[Tuple[int, float]]:
+    """(class, fraction of the pixels) of the classes present in an (H, W) class map, largest first."""
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=num_classes)
+    return [(int(c), counts[c] / counts.sum()) for c in np.argsort(-counts, kind='stable') if counts[c]]
+
+
 def segmentation_overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Color],
                          class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
     """The (H, W, 3) uint8 RGB ``image`` with the class colors blended in at ``alpha``, and on its right
     a legend of the classes present (largest area first), each with its color and share of the image."""
-    colors = np.asarray(palette, dtype=np.float32)[labels]
-    blended = Image.fromarray((image * (1 - alpha) + colors * alpha).round().astype(np.uint8))
-    classes, counts = np.unique(labels, return_counts=True)
-    order = np.argsort(-counts, kind='stable')
+    blended = Image.blend(Image.fromarray(image), label_map_image(labels, palette).convert('RGB'), alpha)
+    entries = [(tuple(palette[c]), f'{class_names[c]} {100 * share:.1f}%') for c, share in class_shares(labels, len(palette))]
     font = _font(blended.size)
     row = round(font.size * 1.5)
-    entries = [(tuple(palette[classes[i]]), f'{class_names[classes[i]]} {100 * counts[i] / labels.size:.1f}%')
-               for i in order]
-    width = 3 * font.size + max(round(font.getlength(text)) for _, text in entries)
-    canvas = Image.new('RGB', (blended.width + width, max(blended.height, row * (len(entries) + 1))), 'white')
+    per_column = max(1, blended.height // row - 1)  # as many columns as it takes to stay within the image's height
+    column_width = 3 * font.size + max(round(font.getlength(text)) for _, text in entries)
+    canvas = Image.new('RGB', (blended.width + -(-len(entries) // per_column) * column_width,
+                               max(blended.height, row * (min(len(entries), per_column) + 1))), 'white')
     canvas.paste(blended, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, (color, text) in enumerate(entries):
-        x, y = blended.width + font.size // 2, row // 2 + i * row
+        column, line = divmod(i, per_column)
+        x, y = blended.width + column * column_width + font.size // 2, row // 2 + line * row
         draw.rectangle([x, y, x + font.size, y + font.size], fill=color, outline='black')
         draw.text((x + 3 * font.size // 2, y), text, fill='black', font=font)
     return canvas
+
+
+def _draw_masks(picture: torch.Tensor, masks: torch.Tensor, colors: Sequence[Color], alpha: float):
+    """Blend (N, H, W) masks into a (3, H, W) uint8 picture in place, one at a time on the crop that holds it
+    (fast on large images; overlaps blend, best detection on top, where one call would paint them black)."""
+    rows, columns = masks.any(2), masks.any(1)
+    for i in reversed(range(len(masks))):
+        if rows[i].any():
+            ys, xs = rows[i].nonzero()[:, 0], columns[i].nonzero()[:, 0]
+            window = (slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1))
+            crop = picture[:, window[0], window[1]]
+            crop.copy_(draw_segmentation_masks(crop.contiguous(), masks[i][window].contiguous(), alpha, colors[i]))
 
 
 def draw_detections(image: np.ndarray, detections: dict, class_names: Sequence[str], palette: Sequence[Color],
@@ -59,7 +76,7 @@ def draw_detections(image: np.ndarray, detections: dict, class_names: Sequence[s
     colors = [tuple(palette[label]) for label in labels]
     if labels:
         if 'masks' in detections:
-            picture = draw_segmentation_masks(picture, torch.as_tensor(detections['masks']).bool(), alpha, colors)
+            _draw_masks(picture, torch.as_tensor(detections['masks']).bool(), colors, alpha)
         width = max(1, round(min(image.shape[:2]) / 300))
         picture = draw_bounding_boxes(picture, torch.as_tensor(detections['boxes']).float(), colors=colors,
                                       width=width)
