@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 import mambavision
 from mambavision.cli import main
-from mambavision.dense.detection import CascadeMaskRCNN
+from mambavision.dense.detection import CascadeMaskRCNN, create_detector
 from mambavision.dense.evaluate import COCO_CATEGORY_IDS
-from mambavision.dense.segmentation import UPerNet
+from mambavision.dense.segmentation import UPerNet, create_segmenter
 from mambavision.dense.visualize import draw_detections, segmentation_overlay
 from mambavision.model import create_dense_backbone
 
@@ -237,23 +237,21 @@ def test_image_errors(tmp_path, use_stub, capsys):
 
 
 def test_model_errors(tmp_path, monkeypatch, capsys):
+    """With the real factories: an unknown name suggests close ones; offline without --checkpoint says how to
+    run a local file (never random weights)."""
+    monkeypatch.setattr(mambavision, 'create_segmenter', create_segmenter, raising=False)
+    monkeypatch.setattr(mambavision, 'create_detector', create_detector, raising=False)
     _image(tmp_path / 'a.png', 8, 8)
-
-    def unknown(name, **kwargs):
-        raise ValueError(f"unknown segmenter {name!r}; did you mean upernet_mambavision_t.nv_ade20k?\nmore")
-    monkeypatch.setattr(mambavision, 'create_segmenter', unknown, raising=False)
-    assert main(['segment', str(tmp_path / 'a.png'), '--model', 'upernet_t', '--output', str(tmp_path)]) == 1
-    assert _one_line_error(capsys, 'segment').endswith("unknown segmenter 'upernet_t'; did you mean "
-                                                       "upernet_mambavision_t.nv_ade20k?")
-
-    def offline(name, pretrained=False, checkpoint_path=None):
-        raise RuntimeError('cannot download nvidia/mamba_vision_160k_ade20k-512x512_tiny: offline')
-    monkeypatch.setattr(mambavision, 'create_segmenter', offline, raising=False)
-    assert main(['segment', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 1
-    _one_line_error(capsys, 'segment', 'offline (--checkpoint FILE runs a local copy of the published file)')
+    assert main(['segment', str(tmp_path / 'a.png'), '--model', 'upernet_mambavision_t', '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', "unknown segmenter 'upernet_mambavision_t'; did you mean upernet_mambavision_t.nv_ade20k")
+    assert main(['detect', str(tmp_path / 'a.png'), '--model', 'cascade_mambavision_t', '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'detect', "unknown detector 'cascade_mambavision_t'; did you mean")
     assert main(['segment', str(tmp_path / 'a.png'), '--checkpoint', str(tmp_path / 'no.pth'), '--output', str(tmp_path)]) == 1
     _one_line_error(capsys, 'segment', 'checkpoint not found', 'no.pth')
-    assert not list(tmp_path.glob('*_overlay.png'))  # no random-weight pictures
+    assert main(['segment', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 1  # HF_HUB_OFFLINE=1
+    _one_line_error(capsys, 'segment', 'mamba_vision_160k_ade20k-512x512_tiny',
+                    '(--checkpoint FILE runs a local copy of the published file)')
+    assert not list(tmp_path.glob('*_overlay.png'))
 
 
 def test_validate_errors(tmp_path, coco_root, use_stub, monkeypatch, capsys):
