@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import create_dense_backbone
+from ..weights import download_weights, load_state_dict_strict, read_state_dict
+from . import unknown_name_error
+from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+from .image import as_rgb_images, normalize, resize_keep_ratio
+
 __all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'ConvBNReLU', 'create_segmenter', 'list_segmenters']
 
 IGNORE_INDEX = 255
@@ -46,8 +52,8 @@ class ConvBNReLU(nn.Sequential):
 class AdaptiveAvgPool(nn.Module):
     """``nn.AdaptiveAvgPool2d(size)`` written as two small averaging matrices: (B, C, H, W) -> (B, C, size, size).
 
-    The bins are PyTorch's (rows floor(i H / size) .. ceil((i + 1) H / size)); unlike the
-    built-in op this form exports to ONNX with a dynamic input size.
+    The bins are PyTorch's (rows floor(i H / size) .. ceil((i + 1) H / size)). The built-in op
+    cannot be exported to ONNX with a dynamic input size; this form can.
     """
 
     def __init__(self, size: int):
@@ -136,8 +142,9 @@ def _argmax_classes(logits: torch.Tensor) -> torch.Tensor:
 def _bilinear_taps(in_size: int, out_size: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
     """PyTorch's bilinear (align_corners=False) sources along one axis: indices i0, i1 and weights w0, w1
     (bit-identical to ``F.interpolate``'s)."""
-    scale = (torch.tensor(in_size, dtype=torch.float32) / out_size).double()  # float32 scale, then a fused
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp(min=0)  # multiply-add
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size  # float32, as PyTorch's
+    # the source index rounded once from the exact product (PyTorch's kernel uses a fused multiply-add)
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale.double() - 0.5).float().clamp(min=0)
     i0 = src.long()
     w1 = (src - i0).clamp(0, 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
@@ -195,7 +202,7 @@ class UPerNet(nn.Module):
         self.decode_head = UPerHead(in_channels, channels, num_classes, pool_scales, dropout)
         self.auxiliary_head = FCNHead(in_channels[2], aux_channels, num_classes, dropout)
         self.num_classes = num_classes
-        self.in_chans = 3
+        self.in_chans = 3  # what export_onnx traces with
         self.test_scale = tuple(test_scale)
         self.class_names = list(class_names) if class_names else [f'class {i}' for i in range(num_classes)]
         self.palette = [list(c) for c in palette] if palette else torch.randint(
@@ -203,7 +210,12 @@ class UPerNet(nn.Module):
         if len(self.class_names) != num_classes or len(self.palette) != num_classes:
             raise ValueError(f'class_names and palette need one entry per class ({num_classes}), '
                              f'got {len(self.class_names)} and {len(self.palette)}')
-        self.published: Dict[str, Any] = {}
+        self.published: Optional[Dict[str, Any]] = None  # set by create_segmenter
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute the backbone's windowed stages in backward (less memory for training)."""
+        self.backbone.set_grad_checkpointing(enable)
 
     def extract_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(B, 3, H, W) normalised images -> the backbone's four maps (strides 4, 8, 16, 32)."""
@@ -226,9 +238,10 @@ class UPerNet(nn.Module):
         """
         features = self.extract_features(x)
         total = 0.
-        for logits, weight in ((self.decode_head(features), 1.), (self.auxiliary_head(features[2]), AUX_LOSS_WEIGHT)):
-            ce = F.cross_entropy(_resize(logits, target.shape[-2:]), target, ignore_index=ignore_index, reduction='none')
-            total = total + weight * ce.mean()
+        heads = ((self.decode_head(features), 1.), (self.auxiliary_head(features[2]), AUX_LOSS_WEIGHT))
+        for logits, weight in heads:
+            logits = _resize(logits, target.shape[-2:])
+            total = total + weight * F.cross_entropy(logits, target, ignore_index=ignore_index, reduction='none').mean()
         return total
 
     @torch.no_grad()
@@ -244,14 +257,13 @@ class UPerNet(nn.Module):
         Returns one dict per image: ``logits`` (num_classes, H, W) float32 and ``labels`` (H, W)
         int64, at the image's size (CPU tensors).
         """
-        from .image import as_rgb_images, normalize, resize_keep_ratio
-
         originals = as_rgb_images(images)
         for h, w, _ in (image.shape for image in originals) if return_logits else ():
             if self.num_classes * h * w > MAX_LOGITS_ELEMENTS:
                 raise ValueError(
                     f'the logits of a {w}x{h} image ({self.num_classes} classes) would take '
-                    f'{self.num_classes * h * w * 4 / 2 ** 30:.0f} GiB; predict(..., return_logits=False) gives its labels alone')
+                    f'{self.num_classes * h * w * 4 / 2 ** 30:.0f} GiB; '
+                    f'predict(..., return_logits=False) gives its labels alone')
         inputs = [normalize(resize_keep_ratio(image, self.test_scale)[0]) for image in originals]
         by_size = defaultdict(list)
         for i, x in enumerate(inputs):
@@ -304,8 +316,9 @@ def list_segmenters() -> List[str]:
 def _check_segmenter_file(state_dict: dict, model: UPerNet, source: str):
     """One-line errors for a file that holds another kind of model or another backbone width."""
     if not any(k.startswith('decode_head.') for k in state_dict):
-        held = ('a detection model (roi_head.* tensors)' if any(k.startswith('roi_head.') for k in state_dict)
-                else 'a backbone-only model (no decode_head.* tensors)' if any(k.startswith('backbone.') for k in state_dict)
+        prefixes = {k.split('.')[0] for k in state_dict}
+        held = ('a detection model (roi_head.* tensors)' if 'roi_head' in prefixes
+                else 'a backbone-only model (no decode_head.* tensors)' if 'backbone' in prefixes
                 else 'a classification model (no backbone.*/decode_head.* tensors)')
         raise ValueError(f'{source} holds {held}, not an UPerNet segmenter')
     lateral = state_dict.get('decode_head.lateral_convs.0.conv.weight')
@@ -331,11 +344,6 @@ def create_segmenter(
         kwargs: ``UPerNet`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
             load into everything but the two 1x1 classifiers, which stay freshly initialised).
     """
-    from . import unknown_name_error
-    from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-    from ..model import create_dense_backbone
-    from ..weights import download_weights, load_state_dict_strict, read_state_dict
-
     if name not in _PUBLISHED:
         raise unknown_name_error('segmenter', name, list(_PUBLISHED))
     arch, windows, repo, test_scale, miou = _PUBLISHED[name]
