@@ -114,9 +114,11 @@ def test_detect(tmp_path, use_stub, capsys):
                  labels=torch.tensor([2, 0]), masks=masks)
     calls = use_stub('create_detector', StubModel({(60, 80): found}, DET_CLASSES, DET_PALETTE))
     out = tmp_path / 'out'
-    assert main(['detect', str(tmp_path / 'room.jpg'), '--output', str(out), '--checkpoint', str(tmp_path / 'room.jpg')]) == 0
+    (tmp_path / 'weights.pth').touch()
+    argv = ['detect', str(tmp_path / 'room.jpg'), '--output', str(out), '--checkpoint', str(tmp_path / 'weights.pth')]
+    assert main(argv) == 0
     assert calls == [dict(name='cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=False,
-                          checkpoint_path=str(tmp_path / 'room.jpg'))]
+                          checkpoint_path=str(tmp_path / 'weights.pth'))]
     assert capsys.readouterr().out.strip().endswith('(image_id 0: 1 class7 above 0.3)')
 
     results = json.loads((out / 'room_detections.json').read_text())  # only the detection scoring above 0.3
@@ -152,7 +154,8 @@ def _ade20k(root, shapes):
         (root / folder).mkdir(parents=True)
     labels = {}
     for i, (height, width) in enumerate(shapes):
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f'images/validation/{i}.jpg')
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / f'images/validation/{i}.jpg')
         file_labels = rng.integers(0, 4, (height, width), dtype=np.uint8)
         Image.fromarray(file_labels).save(root / f'annotations/validation/{i}.png')
         labels[(height, width)] = file_labels
@@ -181,7 +184,8 @@ def test_validate_segmentation_counts_a_confusion(tmp_path, use_stub, capsys):
     (file_labels,) = _ade20k(tmp_path / 'ADE', [(16, 16)]).values()
     predicted = np.maximum(file_labels.astype(np.int64) - 1, 0)
     predicted[file_labels == 1] = 1
-    use_stub('create_segmenter', StubModel({(16, 16): dict(labels=torch.from_numpy(predicted))}, SEG_CLASSES, SEG_PALETTE))
+    outputs = {(16, 16): dict(labels=torch.from_numpy(predicted))}
+    use_stub('create_segmenter', StubModel(outputs, SEG_CLASSES, SEG_PALETTE))
     assert main(['validate', '--task', 'seg', '--model', 'm', '--pretrained', '--data-dir', str(tmp_path / 'ADE'),
                  '--device', 'cpu']) == 0
     results = json.loads(capsys.readouterr().out)
@@ -242,11 +246,13 @@ def test_model_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mambavision, 'create_segmenter', create_segmenter, raising=False)
     monkeypatch.setattr(mambavision, 'create_detector', create_detector, raising=False)
     _image(tmp_path / 'a.png', 8, 8)
-    assert main(['segment', str(tmp_path / 'a.png'), '--model', 'upernet_mambavision_t', '--output', str(tmp_path)]) == 1
-    _one_line_error(capsys, 'segment', "unknown segmenter 'upernet_mambavision_t'; did you mean upernet_mambavision_t.nv_ade20k")
+    image = str(tmp_path / 'a.png')
+    assert main(['segment', image, '--model', 'upernet_mambavision_t', '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', "unknown segmenter 'upernet_mambavision_t'; did you mean "
+                                       "upernet_mambavision_t.nv_ade20k")
     assert main(['detect', str(tmp_path / 'a.png'), '--model', 'cascade_mambavision_t', '--output', str(tmp_path)]) == 1
     _one_line_error(capsys, 'detect', "unknown detector 'cascade_mambavision_t'; did you mean")
-    assert main(['segment', str(tmp_path / 'a.png'), '--checkpoint', str(tmp_path / 'no.pth'), '--output', str(tmp_path)]) == 1
+    assert main(['segment', image, '--checkpoint', str(tmp_path / 'no.pth'), '--output', str(tmp_path)]) == 1
     _one_line_error(capsys, 'segment', 'checkpoint not found', 'no.pth')
     assert main(['segment', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 1  # HF_HUB_OFFLINE=1
     _one_line_error(capsys, 'segment', 'mamba_vision_160k_ade20k-512x512_tiny',
@@ -301,14 +307,16 @@ def test_detect_with_a_tiny_cascade_writes_what_predict_finds(tmp_path, use_stub
     model.load_state_dict(state_dict)
     use_stub('create_detector', model)
     Image.fromarray(tensors['image_rgb'].numpy()).save(tmp_path / 'scene.png')
-    assert main(['detect', str(tmp_path / 'scene.png'), '--output', str(tmp_path / 'out'), '--score-threshold', '0']) == 0
+    argv = ['detect', str(tmp_path / 'scene.png'), '--output', str(tmp_path / 'out'), '--score-threshold', '0']
+    assert main(argv) == 0
     results = json.loads((tmp_path / 'out/scene_detections.json').read_text())
     expected = model.predict(tensors['image_rgb'].numpy())[0]
     assert len(results) == len(expected['boxes']) > 0
     assert [r['category_id'] for r in results] == [COCO_CATEGORY_IDS[i] for i in expected['labels'].tolist()]
     assert [r['score'] for r in results] == expected['scores'].tolist()
     boxes = expected['boxes'].double()
-    assert torch.tensor([r['bbox'] for r in results], dtype=torch.float64).equal(torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1))
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    assert torch.tensor([r['bbox'] for r in results], dtype=torch.float64).equal(xywh)
     masks = np.stack([pycocotools_mask.decode(dict(r['segmentation'], counts=r['segmentation']['counts'].encode()))
                       for r in results])
     assert np.array_equal(masks, expected['masks'].numpy())

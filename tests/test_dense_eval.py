@@ -62,7 +62,8 @@ def test_ade20k_reader(tmp_path):
     Image.new('RGB', (3, 2)).save(tmp_path / 'images/validation/b.jpg')
     Image.new('RGB', (3, 2)).save(tmp_path / 'images/validation/a.jpg')
     for stem in 'ab':
-        Image.fromarray(np.array([[0, 1, 2], [150, 255, 0]], np.uint8)).save(tmp_path / f'annotations/validation/{stem}.png')
+        label_file = tmp_path / f'annotations/validation/{stem}.png'
+        Image.fromarray(np.array([[0, 1, 2], [150, 255, 0]], np.uint8)).save(label_file)
     samples = ade20k_samples(str(tmp_path))
     assert samples == [(str(tmp_path / f'images/validation/{s}.jpg'), str(tmp_path / f'annotations/validation/{s}.png'))
                        for s in 'ab']
@@ -130,7 +131,8 @@ def test_coco_results_format(tmp_path):
     """bbox x, y, w, h; category id of the label; the mask as a decodable RLE with a str ``counts``."""
     detections = detections_of(OBJECTS)
     results = coco_results([detections[2]], [2], CATEGORY_IDS)
-    assert [(r['image_id'], r['category_id'], r['bbox']) for r in results] == [(2, 3, [0, 0, 100, 110]), (2, 1, [5, 60, 40, 12])]
+    assert [(r['image_id'], r['category_id'], r['bbox']) for r in results] == [
+        (2, 3, [0, 0, 100, 110]), (2, 1, [5, 60, 40, 12])]
     assert results[0]['score'] == pytest.approx(0.9) and isinstance(results[0]['segmentation']['counts'], str)
     rle = dict(results[1]['segmentation'], counts=results[1]['segmentation']['counts'].encode())
     assert np.array_equal(pycocotools_mask.decode(rle).astype(bool), detections[2]['masks'][1].numpy())

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from ..cli import CliError, _one_line, _open_image, _resolve_device, amp_autocast
@@ -23,7 +22,7 @@ from .evaluate import (
     load_coco, read_ade20k_label, read_image, segmentation_metrics,
 )
 from .image import as_rgb_images
-from .visualize import class_shares, draw_detections, label_map_image, segmentation_overlay
+from .visualize import class_shares, draw_detections, format_share, label_map_image, segmentation_overlay
 
 __all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
 
@@ -90,7 +89,7 @@ def run_segment(args) -> int:
         label_file, overlay_file = (os.path.join(args.output, f'{stem}_{kind}.png') for kind in ('labels', 'overlay'))
         label_map_image(labels, model.palette).save(label_file)
         segmentation_overlay(image, labels, model.palette, model.class_names).save(overlay_file)
-        largest = ', '.join(f'{model.class_names[c]} {100 * share:.1f}%'
+        largest = ', '.join(f'{model.class_names[c]} {format_share(share)}'
                             for c, share in class_shares(labels, len(model.class_names))[:5])
         print(f'{path}: {label_file}, {overlay_file} ({largest})')
     return 0
@@ -140,7 +139,8 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
     if args.ema:
         raise CliError(f'--ema applies to classification training checkpoints, not to --task {args.task}')
     if args.task == 'det' and not args.annotations:
-        raise CliError('--task det needs --annotations FILE, the COCO instances json (e.g. annotations/instances_val2017.json)')
+        raise CliError('--task det needs --annotations FILE, the COCO instances json '
+                       '(e.g. annotations/instances_val2017.json)')
     try:  # the data is checked before the model is built
         if args.task == 'seg':
             samples = ade20k_samples(args.data_dir, args.val_split)
@@ -171,7 +171,8 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
 
     category_ids = sorted(coco.getCatIds())
     if len(category_ids) != len(model.class_names):
-        raise CliError(f'{args.annotations} has {len(category_ids)} categories, the model {len(model.class_names)} classes')
+        raise CliError(f'{args.annotations} has {len(category_ids)} categories, '
+                       f'the model {len(model.class_names)} classes')
     results = []
     for image_id, path in _progress(image_paths.items(), 'validate det', len(image_paths)):
         detections = {k: v.cpu() for k, v in predict(path).items()}

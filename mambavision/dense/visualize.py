@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-__all__ = ['label_map_image', 'class_shares', 'segmentation_overlay', 'draw_detections']
+__all__ = ['label_map_image', 'class_shares', 'format_share', 'segmentation_overlay', 'draw_detections']
 
 Color = Tuple[int, int, int]
 
@@ -33,12 +33,18 @@ def class_shares(labels: np.ndarray, num_classes: int) -> List[Tuple[int, float]
     return [(int(c), counts[c] / counts.sum()) for c in np.argsort(-counts, kind='stable') if counts[c]]
 
 
+def format_share(share: float) -> str:
+    """A fraction as a percentage with one decimal ('<0.1%' for a few pixels rather than '0.0%')."""
+    return f'{100 * share:.1f}%' if share >= 0.0005 else '<0.1%'
+
+
 def segmentation_overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Color],
                          class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
     """The (H, W, 3) uint8 RGB ``image`` with the class colors blended in at ``alpha``, and on its right
     a legend of the classes present (largest area first), each with its color and share of the image."""
     blended = Image.blend(Image.fromarray(image), label_map_image(labels, palette).convert('RGB'), alpha)
-    entries = [(tuple(palette[c]), f'{class_names[c]} {100 * share:.1f}%') for c, share in class_shares(labels, len(palette))]
+    entries = [(tuple(palette[c]), f'{class_names[c]} {format_share(share)}')
+               for c, share in class_shares(labels, len(palette))]
     font = _font(blended.size)
     row = round(font.size * 1.5)
     per_column = max(1, blended.height // row - 1)  # as many columns as it takes to stay within the image's height
