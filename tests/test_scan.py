@@ -194,3 +194,90 @@ def test_mixer_runs_the_chosen_backend(backend, monkeypatch):
     for a, b in itertools.combinations(outputs.values(), 2):
         assert not torch.equal(a, b), 'the backends must differ in rounding for this check to mean anything'
     assert torch.equal(y, outputs[backend])
+
+
+@pytest.fixture
+def broken_automatic_triton(monkeypatch):
+    """The automatic backend is 'triton', whose kernels raise at every call (as a ptxas / driver failure
+    would); no failure remembered yet. Returns the list of calls that reached the kernels."""
+    scan_module = importlib.import_module('mambavision.ops.selective_scan')
+    calls = []
+
+    def broken(kind):
+        def run(*args):
+            calls.append(kind)
+            raise RuntimeError(f'ptxas fatal: {kind} kernel failed to compile\nsecond line')
+        return run
+
+    monkeypatch.setattr(scan_module, 'resolve_scan_backend', lambda device_type='cpu': 'triton')
+    monkeypatch.setitem(scan_module._loaded, 'triton', (broken('forward'), broken('backward')))
+    monkeypatch.setattr(scan_module, '_triton_failed', {})
+    monkeypatch.setattr(scan_module, '_triton_ran', set())
+    return calls
+
+
+def _forward_backward(x, backend=None):
+    leaves = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    y = selective_scan(**leaves, backend=backend)
+    y.backward(torch.ones_like(y))
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def test_triton_failing_at_its_first_call_falls_back_to_torch_once(broken_automatic_triton, recwarn):
+    """An automatically chosen Triton whose first call fails gives the torch backend's results, warns
+    once, is not tried again for that configuration, and is remembered for `mambavision info`."""
+    x = _inputs(length=13)
+    y_torch, grads_torch = _forward_backward(x, backend='torch')
+    for _ in range(2):
+        y, grads = _forward_backward(x)
+        assert torch.equal(y, y_torch)
+        for k in grads:
+            assert torch.equal(grads[k], grads_torch[k]), k
+    assert broken_automatic_triton == ['forward']  # the backward of a failed configuration is not tried
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and 'first forward call' in messages[0] and 'torch backend' in messages[0]
+    failures = importlib.import_module('mambavision.ops.selective_scan').triton_failures()
+    assert list(failures.values()) == ['RuntimeError: ptxas fatal: forward kernel failed to compile']
+    assert 'cpu' in next(iter(failures)) and 'float32' in next(iter(failures))
+
+
+def test_triton_failing_after_it_ran_or_when_forced_raises(broken_automatic_triton, monkeypatch):
+    """Only a configuration's first call falls back: a later failure, or one of a forced backend, is raised."""
+    scan_module = importlib.import_module('mambavision.ops.selective_scan')
+    x = _inputs(length=13)
+    with pytest.raises(RuntimeError, match='ptxas'):
+        selective_scan(**x, backend='triton')
+    working = scan_module._load('torch')
+    forward, backward = scan_module._loaded['triton']
+    monkeypatch.setitem(scan_module._loaded, 'triton', working)
+    _forward_backward(x)  # runs once: remembered as working
+    monkeypatch.setitem(scan_module._loaded, 'triton', (forward, backward))
+    with pytest.raises(RuntimeError, match='ptxas'):
+        selective_scan(**x)
+    assert scan_module.triton_failures() == {}
+
+
+def test_probe_reports_a_failing_triton(broken_automatic_triton):
+    scan_module = importlib.import_module('mambavision.ops.selective_scan')
+    failures = scan_module.probe_scan_backend('cpu')
+    assert list(failures.values()) == ['RuntimeError: ptxas fatal: forward kernel failed to compile']
+
+
+@pytest.mark.parametrize('device, saved_dtype', [('cuda', torch.bfloat16), ('cpu', torch.float32)])
+def test_scan_inputs_enter_the_op_in_native_dtype_on_cuda(device, saved_dtype):
+    """bf16 u, delta, B, C (as autocast makes them) reach the op, and what autograd saves for its backward,
+    as bf16 on CUDA (half the memory of float32 copies), float32 on the CPU; A, D, delta_bias float32.
+    CUDA is simulated with fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = _inputs(batch=2, channels=8, length=16, dtype=torch.bfloat16)
+    saved = []
+    with FakeTensorMode() as mode:
+        leaves = {k: mode.from_tensor(v).to(device).requires_grad_() for k, v in x.items()}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            y = selective_scan(**leaves)
+        assert y.dtype == torch.bfloat16 and y.device.type == device
+        io = [leaves[k].to(saved_dtype) for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')]
+        io[2], io[5], io[6] = (t.float() for t in (io[2], io[5], io[6]))
+        grads = torch.ops.mambavision.selective_scan_backward(torch.empty_like(io[0]), *io, True, 'auto')
+    assert saved == [saved_dtype, saved_dtype, torch.float32, saved_dtype, saved_dtype, torch.float32, torch.float32]
+    assert [g.dtype for g in grads] == [t.dtype for t in io]  # the backward op's gradients: their inputs' dtypes

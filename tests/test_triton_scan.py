@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:  # the worker runs this file as a script
     sys.path.insert(0, str(REPO))
 
 from mambavision.ops import triton_scan  # noqa: E402
-from mambavision.ops.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
+from mambavision.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_torch  # noqa: E402
 from mambavision.ops.triton_scan import selective_scan_triton  # noqa: E402
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')
@@ -64,15 +64,16 @@ def rel_err(got, want):
     return err / scale if scale > 0 else err
 
 
-def compare(inputs, softplus=True, **kw):
-    """Forward and all gradients of the Triton scan vs the reference, on the same inputs and dy.
+def compare(inputs, softplus=True, grad_oracle=selective_scan_ref, **kw):
+    """Forward and all gradients of the Triton scan, on the same inputs and dy: y against the reference,
+    the gradients against ``grad_oracle`` (the reference unless given).
 
     Returns {'errors': {'y': e, 'du': e, ...}, 'problems': [...]} (problems: wrong dtype,
     shape, missing or non-finite results).
     """
     outs = []
     gy = None
-    for fn in (selective_scan_triton, selective_scan_ref):
+    for fn in (selective_scan_triton, grad_oracle):
         args = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
         y = fn(*args, delta_softplus=softplus, **(kw if fn is selective_scan_triton else {}))
         if gy is None:
@@ -80,6 +81,9 @@ def compare(inputs, softplus=True, **kw):
         y.backward(gy)
         outs.append((y.detach(), [None if a is None else a.grad for a in args]))
     (y, grads), (y_ref, grads_ref) = outs
+    if grad_oracle is not selective_scan_ref:
+        with torch.no_grad():
+            y_ref = selective_scan_ref(*inputs, delta_softplus=softplus)
     problems = []
     if y.dtype != inputs[0].dtype or y.shape != inputs[0].shape or not torch.isfinite(y.float()).all():
         problems.append(f'y: dtype {y.dtype}, shape {tuple(y.shape)}, finite {bool(torch.isfinite(y.float()).all())}')
@@ -116,6 +120,14 @@ OPTIONAL = {  # has_d, has_bias, softplus
     'bare': (False, False, False),
 }
 LOW_PRECISION_SHAPES = {'blocks': (2, 7, 19, 4, 4, 8), 'default_tiles': (1, 5, 49, 8, None, None)}
+# the two-pass (segmented) scan, forced on small shapes: (batch, channels, length, state, block_d, block_l, seg_len)
+SEGMENTED_SHAPES = {
+    'ragged': (2, 10, 70, 4, 4, 8, 16),          # 5 segments, the last one ragged; 3 channel blocks
+    'chunk_per_segment': (1, 5, 37, 3, 4, 8, 8),  # every chunk its own segment; N=3 padded to 4
+}
+# a detection model's stage-3 window (112 x 112 tokens); 2 channels and 2 states, since the interpreter's
+# associative_scan steps through every tile element in Python
+LONG_WINDOW = (1, 2, 12544, 2)
 
 
 def _case_fp32(name):
@@ -146,6 +158,42 @@ def _case_low_precision(dtype_name, shape_name):
     torch.manual_seed(11 + seqlen)
     inputs = make_inputs(batch, dim, seqlen, dstate, dtype=getattr(torch, dtype_name))
     return compare(inputs, block_d=block_d, block_l=block_l)
+
+
+def _case_segmented(name):
+    batch, dim, seqlen, dstate, block_d, block_l, seg_len = SEGMENTED_SHAPES[name]
+    torch.manual_seed(20 + seqlen)
+    return compare(make_inputs(batch, dim, seqlen, dstate), block_d=block_d, block_l=block_l, seg_len=seg_len)
+
+
+def _case_long_window():
+    """L = 12,544 with the default launch config, which must choose the segmented scan here. Gradients
+    against the torch backend, a sequential loop checked against the reference in test_scan.py
+    (the reference's own backward is quadratic in L: minutes here)."""
+    batch, dim, seqlen, dstate = LONG_WINDOW
+    torch.manual_seed(12544)
+    inputs = make_inputs(batch, dim, seqlen, dstate)
+    cfg = triton_scan._launch_config(batch, dim, seqlen, dstate, inputs[0].device)
+    n_chunks = -(-seqlen // cfg.block_l)
+    result = compare(inputs, grad_oracle=selective_scan_torch)
+    if not (cfg.seg_chunks_fwd < n_chunks and cfg.seg_chunks_bwd < n_chunks):
+        result['problems'].append(f'one segment for {LONG_WINDOW}: {cfg}')
+    return result
+
+
+def _case_nan_step(seg_len):
+    """A NaN step size makes the outputs NaN from its token on in its channel, as in the reference."""
+    torch.manual_seed(9)
+    u, delta, A, B, C, D, bias = make_inputs(1, 6, 21, 4)
+    delta[0, 1, 5] = delta[0, 4, 0] = delta[0, 5, 20] = float('nan')
+    with torch.no_grad():
+        y = selective_scan_triton(u, delta, A, B, C, D, bias, True, block_d=4, block_l=8, seg_len=seg_len)
+        y_ref = selective_scan_ref(u, delta, A, B, C, D, bias, True)
+    nan, nan_ref = torch.isnan(y), torch.isnan(y_ref)
+    problems = []
+    if not nan_ref.any() or not torch.equal(nan, nan_ref):
+        problems.append(f'NaN outputs: {int(nan.sum())} from Triton, {int(nan_ref.sum())} from the reference')
+    return {'errors': {'y': rel_err(y[~nan_ref], y_ref[~nan_ref])}, 'problems': problems}
 
 
 def _case_strided():
@@ -196,6 +244,10 @@ def kernel_cases():
         for n in LOW_PRECISION_SHAPES:
             cases[f'{dt}/{n}'] = (lambda dt=dt, n=n: _case_low_precision(dt, n), tol)
     cases['fp32/strided'] = (_case_strided, FP32_TOL)
+    cases.update({f'segmented/{n}': (lambda n=n: _case_segmented(n), FP32_TOL) for n in SEGMENTED_SHAPES})
+    cases['segmented/long_window_12544'] = (_case_long_window, FP32_TOL)
+    cases['nan/step_size'] = (lambda: _case_nan_step(None), FP32_TOL)
+    cases['nan/step_size_segmented'] = (lambda: _case_nan_step(8), FP32_TOL)
     cases['fp32/no_grad_and_partial'] = (_case_no_grad_and_partial, FP32_TOL)
     cases['fp32/dispatcher'] = (_case_dispatcher, FP32_TOL)
     return cases
@@ -248,6 +300,42 @@ def test_bad_arguments(monkeypatch):
         selective_scan_triton(u, delta, A, B, C, D[:3], bias)
     with pytest.raises(ValueError):
         selective_scan_triton(u, delta, A, B, C, D, bias, block_l=6)
+    with pytest.raises(ValueError, match='seg_len'):
+        selective_scan_triton(u, delta, A, B, C, D, bias, block_l=4, seg_len=6)
+
+
+def test_kernels_launch_inside_the_tensors_device_context(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': every launch (forward, backward,
+    their segment passes) must run inside torch.cuda.device_of(u). Mocked context and kernels."""
+    launches, entered = [], []
+
+    class DeviceOf:
+        def __init__(self, obj):
+            self.device = obj.device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, list(entered)))
+
+    monkeypatch.setattr(torch.cuda, 'device_of', DeviceOf)
+    monkeypatch.setattr(triton_scan, '_check_device', lambda *tensors: None)
+    kernels = ('_scan_fwd_kernel', '_scan_bwd_kernel', '_segment_carry_kernel')
+    for name in kernels:
+        monkeypatch.setattr(triton_scan, name, Kernel(name))
+    u, delta, A, B, C, D, bias = make_inputs(2, 6, 40, 4)
+    _, states = triton_scan.triton_scan_fwd(u, delta, A, B, C, D, bias, block_l=8, seg_len=16, save=True)
+    triton_scan.triton_scan_bwd(torch.randn_like(u), states, u, delta, A, B, C, D, bias, block_l=8, seg_len=16)
+    assert {name for name, _ in launches} == set(kernels)
+    assert all(devices == [u.device] for _, devices in launches), launches
 
 
 def test_imports_without_triton(monkeypatch):

@@ -15,7 +15,9 @@ For every channel d and state n, with h_0 = 0 and dt = softplus(delta + delta_bi
     y_t = sum_n h_t[n] * C_t[n] + D * u_t
 
 Every backend computes in float32 (autocast is switched off around it) and returns
-the dtype of ``u``. Backends:
+the dtype of ``u``. On CUDA, bf16 / fp16 ``u``, ``delta``, ``B``, ``C`` reach the backend as
+they are (the kernels read them and compute in float32, and autograd saves them at half the
+size); on the CPU they are cast to float32 first, which the C kernel wants. Backends:
 
 * ``reference``: sequential loop over time, the test oracle.
 * ``torch``: pure PyTorch, whole-tensor discretisation and readout around one in-place
@@ -23,6 +25,9 @@ the dtype of ``u``. Backends:
 * ``cpu_kernel``: our C kernels of ``cpu_scan`` (forward and backward), for CPU tensors,
   when a C compiler on the machine could build them.
 * ``triton``: the Triton kernels of ``triton_scan``, for CUDA tensors, when Triton imports.
+  Chosen automatically, a configuration whose kernels fail at their first call (compile,
+  resources, driver) falls back to ``torch`` with one warning, and stays there
+  (``triton_failures``).
 * ``mamba_ssm``: mamba-ssm's compiled CUDA kernel, for CUDA tensors, when it imports.
 
 The backend is picked per call from the device; ``set_scan_backend`` or the
@@ -32,7 +37,8 @@ custom op ``torch.ops.mambavision.selective_scan`` (with its backward op
 as one node; the pure-PyTorch backends get their backward by recomputation.
 """
 import os
-from typing import Callable, Dict, Optional, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,7 @@ import torch.nn.functional as F
 __all__ = [
     'selective_scan', 'selective_scan_ref', 'selective_scan_torch', 'available_scan_backends',
     'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS', 'selective_scan_graph',
+    'triton_failures', 'probe_scan_backend',
 ]
 
 ENV_VAR = 'MAMBAVISION_SCAN'
@@ -204,7 +211,7 @@ def _mamba_ssm_backend() -> Optional[Tuple[Callable, Callable]]:
         du, ddelta, dA, dB, dC, dD, ddelta_bias, *_ = ext.bwd(
             u, delta, A, B, C, D, None, delta_bias, dy.contiguous(), x, None, None, delta_softplus, False,
             *extra_bwd)
-        return du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD, ddelta_bias
+        return du, ddelta, dA, dB.squeeze(1).to(B.dtype), dC.squeeze(1).to(C.dtype), dD, ddelta_bias
     return forward, backward
 
 
@@ -233,7 +240,7 @@ _forced: Optional[str] = None
 
 
 def _load(name: str) -> Optional[Tuple[Callable, Callable]]:
-    """The backend's (forward, backward) on float32 tensors, or None when it cannot run here (imports it once).
+    """The backend's (forward, backward) on the op's tensors, or None when it cannot run here (imports it once).
 
     forward(u, delta, A, B, C, D, delta_bias, delta_softplus) -> y;
     backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus) -> (du, ddelta, dA, dB, dC, dD, ddelta_bias).
@@ -289,19 +296,75 @@ def resolve_scan_backend(device_type: str = 'cpu') -> str:
     return name
 
 
+_triton_failed: Dict[str, str] = {}  # kernel configuration -> the error of its first call
+_triton_ran: Set[Tuple[str, str]] = set()  # (pass, kernel configuration) that ran once
+
+
+def triton_failures() -> Dict[str, str]:
+    """Triton kernel configurations (``triton_scan.kernel_config``) that failed at their first call
+    in this process, with the error; their scans run on the ``torch`` backend."""
+    return dict(_triton_failed)
+
+
+def _first_call_fallback(kind: str, triton_fn: Callable, torch_fn: Callable) -> Callable:
+    """``triton_fn``, or ``torch_fn`` for configurations whose Triton kernels failed at their first call.
+
+    ``kind`` ('forward' / 'backward') names the pass: each configuration's first call of each pass
+    may fall back (one warning per configuration); an error after a pass has run once is raised.
+    """
+    from .triton_scan import kernel_config
+
+    def run(*args):
+        tensors = args if kind == 'forward' else args[1:]  # the backward takes dy first
+        config = kernel_config(*tensors)
+        if config in _triton_failed:
+            return torch_fn(*args)
+        if (kind, config) in _triton_ran:
+            return triton_fn(*args)
+        try:
+            out = triton_fn(*args)
+        except Exception as e:
+            _triton_failed[config] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            warnings.warn(f'Triton scan failed at its first {kind} call ({config}): {_triton_failed[config]}; '
+                          'this configuration runs the torch backend from now on', RuntimeWarning, stacklevel=2)
+            return torch_fn(*args)
+        _triton_ran.add((kind, config))
+        return out
+    return run
+
+
 def _backend_fns(backend: str, device_type: str) -> Tuple[Callable, Callable]:
-    """(forward, backward) of ``backend``; ``'auto'`` resolves it for ``device_type`` now."""
+    """(forward, backward) of ``backend``; ``'auto'`` resolves it for ``device_type`` now (an automatic
+    Triton falls back to torch where its first call fails)."""
     name = resolve_scan_backend(device_type) if backend == 'auto' else backend
     fns = _load(name)
     if fns is None:
         raise RuntimeError(f'scan backend {name!r} is not installed')
+    if backend == 'auto' and name == 'triton':
+        (forward, backward), (torch_forward, torch_backward) = fns, _load('torch')
+        return (_first_call_fallback('forward', forward, torch_forward),
+                _first_call_fallback('backward', backward, torch_backward))
     return fns
+
+
+def probe_scan_backend(device='cuda') -> Dict[str, str]:
+    """Run a small float32 scan, forward and backward, on ``device`` through the automatic backend,
+    so that a Triton configuration that cannot run there is found now; returns ``triton_failures()``."""
+    g = torch.Generator().manual_seed(0)
+    u, delta, B, C = (torch.randn(s, generator=g).to(device) for s in ((1, 4, 64), (1, 4, 64), (1, 2, 64), (1, 2, 64)))
+    A, D, bias = -torch.ones(4, 2, device=device), torch.ones(4, device=device), torch.zeros(4, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        u.requires_grad_()
+        selective_scan(u, delta, A, B, C, D, bias, True).sum().backward()
+    return triton_failures()
 
 
 # The scan as one PyTorch op, so that torch.compile and torch.export keep it whole (no graph
 # break, no tracing into a backend) and autograd reaches every backend's own backward. Both ops
-# take float32 tensors; ``backend`` is a name or 'auto' (resolved when the op runs, so compiled
-# and exported graphs follow ``set_scan_backend`` and the device they run on).
+# take float32 A, D, delta_bias, and u, delta, B, C of one dtype (float32, or bf16 / fp16 on
+# CUDA); every gradient has its input's dtype. ``backend`` is a name or 'auto' (resolved when the
+# op runs, so compiled and exported graphs follow ``set_scan_backend`` and the device they run on).
 
 @torch.library.custom_op('mambavision::selective_scan', mutates_args=())
 def _scan_op(
@@ -331,7 +394,7 @@ def _scan_backward_op(
 
 @_scan_backward_op.register_fake
 def _scan_backward_fake(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
-    return tuple(dy.new_empty(0 if t is None else t.shape) for t in (u, delta, A, B, C, D, delta_bias))
+    return tuple(dy.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias))
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -359,6 +422,15 @@ def _check_shapes(u, delta, A, B, C, D, delta_bias):
             f'got shapes {", ".join(map(str, shapes))}')
 
 
+def _io_dtype(u, delta, B, C) -> torch.dtype:
+    """The dtype u, delta, B and C enter the op in: their own where they share bf16 or fp16 on CUDA (as
+    autocast makes them; every CUDA backend reads it and computes in float32), else float32."""
+    dtypes = {t.dtype for t in (u, delta, B, C)}
+    if u.device.type == 'cuda' and len(dtypes) == 1 and u.dtype in (torch.bfloat16, torch.float16):
+        return u.dtype
+    return torch.float32
+
+
 def selective_scan_graph(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     """The scan as ceil(log2 L) whole-tensor steps of standard ops, for static graphs (ONNX). Shapes: module doc.
 
@@ -381,15 +453,17 @@ def selective_scan_graph(u, delta, A, B, C, D=None, delta_bias=None, delta_softp
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend=None):
     """Selective scan through ``backend`` (default: ``resolve_scan_backend``). Shapes: module doc.
 
-    Runs the op ``torch.ops.mambavision.selective_scan`` on float32 copies of the inputs and
-    returns u's dtype. Inside a TorchScript-based ONNX export it is ``selective_scan_graph``
-    (standard ops) instead, whatever ``backend`` says.
+    Runs the op ``torch.ops.mambavision.selective_scan`` on float32 A, D, delta_bias and on u, delta,
+    B, C in ``_io_dtype`` (float32, or their own bf16 / fp16 on CUDA) and returns u's dtype. Inside
+    a TorchScript-based ONNX export it is ``selective_scan_graph`` (standard ops) instead, whatever
+    ``backend`` says.
     """
     if torch.onnx.is_in_onnx_export():  # ONNX graphs are built from standard ops only
         return selective_scan_graph(u, delta, A, B, C, D, delta_bias, delta_softplus)
     name = 'auto' if backend is None else _check_backend_name(backend)
     _check_shapes(u, delta, A, B, C, D, delta_bias)
+    io = _io_dtype(u, delta, B, C)
     y = torch.ops.mambavision.selective_scan(
-        u.float(), delta.float(), A.float(), B.float(), C.float(), None if D is None else D.float(),
+        u.to(io), delta.to(io), A.float(), B.to(io), C.to(io), None if D is None else D.float(),
         None if delta_bias is None else delta_bias.float(), bool(delta_softplus), name)
     return y.to(u.dtype)
