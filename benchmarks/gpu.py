@@ -21,7 +21,8 @@ Sections, cheap and essential first:
    every input, as max |err| / max |ref|. The oracle runs on the device (its backward on the CPU
    takes minutes at 1024 tokens); ``reference on cpu`` rows check it against itself on the CPU
    where that is cheap. Shapes: (channels, tokens) of every windowed stage of every registered
-   MambaVision (stage width / 2 = 160..1024 channels, window^2 = 49..1024 tokens) and odd ones.
+   MambaVision (stage width / 2 = 160..1024 channels, window^2 = 49..1024 tokens), odd ones and
+   a 12,544-token window.
 2. ``model``: mambavision_t (timm init, seed 0) in float32 (TF32 off) on the device, per
    backend, against the same weights on the CPU: logits and every parameter's gradient of a
    fixed random projection of the logits, as relative L2 errors (the worst parameter named).
@@ -75,7 +76,8 @@ from mambavision.timing import time_calls  # noqa: E402
 
 SCAN_TOL = {'y': 1e-4, 'grad': 1e-3}  # max |err| / max |ref|; mamba-ssm's own tests allow more for float32
 MODEL_TOL = {'logits': 1e-4, 'grad': 1e-3}  # relative L2 error
-ODD_SCAN_SHAPES = [(3, 37, 1, 8), (3, 101, 97, 8), (1, 161, 197, 8), (2, 785, 1023, 8)]  # (batch, D, L, N)
+# (batch, D, L, N); the last: a detection model's 112 x 112 window, few channels (the segmented Triton scan)
+ODD_SCAN_SHAPES = [(3, 37, 1, 8), (3, 101, 97, 8), (1, 161, 197, 8), (2, 785, 1023, 8), (1, 16, 12544, 8)]
 SMOKE_SCAN_SHAPES = [(2, 5, 7, 4), (1, 9, 1, 8), (3, 16, 49, 8)]
 BACKENDS = ('mamba_ssm', 'triton', 'torch', 'reference')  # fastest first, as available_scan_backends lists them
 REF_CPU = 'reference on cpu'  # scan row: the oracle run on the CPU, against itself on the device
@@ -157,10 +159,12 @@ class Recorder:
                 row['error'] = _error(e)
                 print(f'[{section}] {row}:\n{traceback.format_exc()}', file=sys.stderr)
                 self._check_device(row)
-                if not self.fatal:  # an out-of-memory error leaves cached blocks behind
-                    free_memory(self.device)
             finally:
                 set_scan_backend(None)
+            # out of the handler, whose traceback held the failed call's frames and tensors: an
+            # out-of-memory error leaves them and cached blocks behind
+            if 'error' in row and not self.fatal:
+                free_memory(self.device)
             row['wall_s'] = round(time.monotonic() - start, 3)
         return self.add(section, row)
 
@@ -415,6 +419,8 @@ def timing_section(rec: Recorder, section: str, names: List[str], backends: List
 
             def timed(backend=backend):
                 set_scan_backend(backend)
+                for p in params:  # a failed training step leaves gradients the next step would add to
+                    p.grad = None
                 return measure(step, warmup, repeats, batch, device)
             rec.run(section, row, timed)
         model = params = step = None

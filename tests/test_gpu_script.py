@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,44 @@ def test_recorder_keeps_going_after_a_failure_and_respects_the_budget(tmp_path):
     assert first['error'] == 'RuntimeError: kernel exploded\nsecond line' and 'passed' not in first
     assert second['passed'] is True and second['err'] is None  # non-finite numbers are null in strict JSON
     assert third['skipped'].startswith('time budget') and 'wall_s' not in third
+
+
+def test_recorder_frees_memory_after_leaving_the_handler(tmp_path, monkeypatch):
+    """Memory is freed once the failed measurement's frames (held by the traceback inside the
+    handler) are gone, so its tensors can be freed too."""
+    gpu = _load_script()
+    tensors, alive_when_freeing = [], []
+
+    def out_of_memory():
+        activations = torch.ones(1000)
+        tensors.append(weakref.ref(activations))
+        raise RuntimeError('CUDA out of memory')
+    monkeypatch.setattr(gpu, 'free_memory', lambda device: alive_when_freeing.append(tensors[0]() is not None))
+    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
+    rec.run('train', dict(backend='x'), out_of_memory)
+    assert alive_when_freeing == [False]
+
+
+def test_every_backend_is_timed_from_cleared_gradients(tmp_path, monkeypatch):
+    """A training step that failed after its backward leaves .grad tensors: the next backend's timing
+    starts without them (they would be added to)."""
+    gpu = _load_script()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 1000))
+    monkeypatch.setattr(gpu, 'build', lambda name, device, train: model)
+    grads_cleared = []
+
+    def measure(step, warmup, repeats, batch, device):
+        grads_cleared.append(all(p.grad is None for p in model.parameters()))
+        if len(grads_cleared) == 1:  # out of memory in the optimizer step, after the backward
+            model(torch.randn(2, 3, 4, 4)).sum().backward()
+            raise RuntimeError('CUDA out of memory')
+        return dict(ms=1.)
+    monkeypatch.setattr(gpu, 'measure', measure)
+    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
+    settings = dict(train_warmup=1, train_repeats=1, batch_size=2, img_size=4)
+    gpu.timing_section(rec, 'train', ['test_mambavision'], ['torch', 'reference'], 'eager', settings)
+    assert grads_cleared == [True, True]
+    assert [('error' in r, r.get('ms')) for r in rec.report['train']] == [(True, None), (False, 1.)]
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
