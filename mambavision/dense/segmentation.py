@@ -12,7 +12,7 @@ published tensor names itself).
 train mode it gives ``(decode_logits, aux_logits)``, and ``seg.loss(x, target)`` forms mmseg's
 training loss from them.
 """
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,9 +23,10 @@ from ..model import create_dense_backbone
 from ..weights import download_weights, load_state_dict_strict, read_state_dict
 from . import unknown_name_error
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
+from .detection import ConvModule
 from .image import as_rgb_images, normalize, resize_keep_ratio
 
-__all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'ConvBNReLU', 'create_segmenter', 'list_segmenters']
+__all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'create_segmenter', 'list_segmenters']
 
 IGNORE_INDEX = 255
 AUX_LOSS_WEIGHT = 0.4
@@ -35,18 +36,6 @@ MAX_LOGITS_ELEMENTS = 2 ** 30  # predict's largest logits at an image's size (4 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of (B, C, h, w) to ``size`` with align_corners=False, as mmseg's heads do."""
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
-
-
-class ConvBNReLU(nn.Sequential):
-    """mmcv's ConvModule as the published heads use it: conv (no bias, 'same' padding) -> BatchNorm -> ReLU."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1):
-        super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, bias=False),
-            bn=nn.BatchNorm2d(out_chs),
-            relu=nn.ReLU(inplace=True),
-        ))
-        nn.init.kaiming_normal_(self.conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv's init
 
 
 class AdaptiveAvgPool(nn.Module):
@@ -101,11 +90,11 @@ class UPerHead(_SegHead):
         super().__init__(channels, num_classes, dropout)
         top = in_channels[-1]
         self.psp_modules = nn.ModuleList([
-            nn.Sequential(AdaptiveAvgPool(scale), ConvBNReLU(top, channels)) for scale in pool_scales])
-        self.bottleneck = ConvBNReLU(top + len(pool_scales) * channels, channels, 3)
-        self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels) for c in in_channels[:-1]])
-        self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
-        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+            nn.Sequential(AdaptiveAvgPool(scale), ConvModule(top, channels, 1, norm=True)) for scale in pool_scales])
+        self.bottleneck = ConvModule(top + len(pool_scales) * channels, channels, 3, norm=True)
+        self.lateral_convs = nn.ModuleList([ConvModule(c, channels, 1, norm=True) for c in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList([ConvModule(channels, channels, 3, norm=True) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvModule(len(in_channels) * channels, channels, 3, norm=True)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = features[-1]
@@ -121,14 +110,14 @@ class UPerHead(_SegHead):
 
 
 class FCNHead(_SegHead):
-    """mmseg's FCNHead as the published auxiliary head: one 3x3 ConvBNReLU, no input concat.
+    """mmseg's FCNHead as the published auxiliary head: one 3x3 conv-BN-ReLU, no input concat.
 
     (B, in_chs, H, W) -> (B, num_classes, H, W).
     """
 
     def __init__(self, in_chs: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
         super().__init__(channels, num_classes, dropout)
-        self.convs = nn.Sequential(ConvBNReLU(in_chs, channels, 3))
+        self.convs = nn.Sequential(ConvModule(in_chs, channels, 3, norm=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls_seg(self.convs(x))
@@ -151,16 +140,19 @@ def _bilinear_taps(in_size: int, out_size: int, device: torch.device) -> Tuple[t
     return tuple(t.to(device) for t in (i0, i1, 1 - w1, w1))
 
 
-def _labels_in_row_blocks(logits: torch.Tensor, size: Tuple[int, int], block_elements: int = 2 ** 25) -> torch.Tensor:
+def _labels_in_row_blocks(logits: torch.Tensor, size: Tuple[int, int], block_elements: int = 2 ** 27) -> torch.Tensor:
     """``_resize(logits[None], size)[0].argmax(0)`` for (C, h, w) logits -> (H, W) int64 on the CPU.
 
-    A block of rows at a time (interpolated down the height, then across the width), so the
-    label map of a huge image never holds all its logits at once.
+    Logits at ``size`` that take more than ``block_elements`` come a block of rows at a time
+    (interpolated down the height, then across the width), so the label map of a huge image
+    never holds all its logits at once.
     """
     (c, h, _), (height, width) = logits.shape, size
+    step = max(1, block_elements // (c * width))
+    if step >= height:  # in one piece
+        return _argmax_classes(_resize(logits[None], size)[0]).cpu()
     y0, y1, w0, w1 = _bilinear_taps(h, height, logits.device)
     labels = torch.empty(size, dtype=torch.int64)
-    step = max(1, block_elements // (c * width))
     for start in range(0, height, step):
         rows = slice(start, start + step)
         block = w0[rows, None] * logits[:, y0[rows]] + w1[rows, None] * logits[:, y1[rows]]
