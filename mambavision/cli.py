@@ -172,6 +172,9 @@ def run_info(args) -> int:
     if cuda:
         devices['cuda'] = {'name': torch.cuda.get_device_name(0), 'count': torch.cuda.device_count(),
                            'scan_backend': backend('cuda'), 'scan_backends_available': available_scan_backends('cuda')}
+        if devices['cuda']['scan_backend'] == 'triton':  # run it once: a Triton that cannot run here shows now
+            from mambavision.ops.selective_scan import probe_scan_backend
+            devices['cuda']['triton_failures'] = probe_scan_backend('cuda')
     models = []
     for name in timm.list_models('mambavision*'):
         params, macs = model_complexity(name)
@@ -199,6 +202,8 @@ def run_info(args) -> int:
         kernel = f"; cpu_kernel {d['cpu_kernel']}" if d.get('cpu_kernel', 'built') != 'built' else ''
         print(f"{device_type:5s} {what}: scan backend {d['scan_backend']} "
               f"(available: {', '.join(d['scan_backends_available'])}{kernel})")
+        for config, error in d.get('triton_failures', {}).items():
+            print(f"      triton failed at its first call, the torch scan runs instead: {error} ({config})")
     if not cuda:
         print('cuda  not available')
     print(f"\n{'model':20s} {'params':>9s} {'input':>7s} {'GMACs':>8s}  pretrained tags")
