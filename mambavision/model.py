@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -34,12 +34,13 @@ __all__ = [
 class Stem(nn.Module):
     """Two stride-2 3x3 convs with BatchNorm and ReLU: (B, in_chans, H, W) -> (B, dim, H/4, W/4)."""
 
-    def __init__(self, in_chans: int = 3, in_dim: int = 64, dim: int = 96):
+    def __init__(self, in_chans: int = 3, in_dim: int = 64, dim: int = 96, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, in_dim, 3, stride=2, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(in_dim, eps=1e-4)
-        self.conv2 = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(dim, eps=1e-4)
+        self.conv1 = nn.Conv2d(in_chans, in_dim, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm1 = nn.BatchNorm2d(in_dim, eps=1e-4, **dd)
+        self.conv2 = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-4, **dd)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +51,9 @@ class Stem(nn.Module):
 class Downsample(nn.Module):
     """Stride-2 3x3 conv, no bias, no norm: (B, dim, H, W) -> (B, dim_out, ceil(H/2), ceil(W/2))."""
 
-    def __init__(self, dim: int, dim_out: int):
+    def __init__(self, dim: int, dim_out: int, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -61,19 +62,39 @@ class Downsample(nn.Module):
 class ConvBlock(nn.Module):
     """Residual conv3x3-BN-GELU(tanh)-conv3x3-BN block: (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, dim: int, drop_path: float = 0., layer_scale: Optional[float] = None):
+    def __init__(
+            self, dim: int, drop_path: float = 0., layer_scale: Optional[float] = None, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.norm1 = nn.BatchNorm2d(dim, eps=1e-5)
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, **dd)
+        self.norm1 = nn.BatchNorm2d(dim, eps=1e-5, **dd)
         self.act = nn.GELU(approximate='tanh')
-        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.norm2 = nn.BatchNorm2d(dim, eps=1e-5)
-        self.ls = LayerScale2d(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, **dd)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-5, **dd)
+        self.ls = LayerScale2d(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
         return x + self.drop_path(self.ls(y))
+
+
+def _mixer_scan(
+        x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, D: torch.Tensor,
+        delta_bias: torch.Tensor,
+) -> torch.Tensor:
+    """The mixer's ``selective_scan`` (softplus on dt + delta_bias), one opaque call in fx graphs.
+
+    TorchScript runs the scan op directly: the Python wrapper does not compile.
+    """
+    if torch.jit.is_scripting():
+        return torch.ops.mambavision.selective_scan(
+            x.float(), dt.float(), A.float(), b.float(), c.float(), D.float(), delta_bias.float(), True, 'auto',
+        ).to(x.dtype)
+    return selective_scan(x, dt, A, b, c, D, delta_bias=delta_bias, delta_softplus=True)
+
+
+torch.fx.wrap('_mixer_scan')  # fx tracers (timm's, torchvision's) keep the scan as one call, not traced into
 
 
 class MambaVisionMixer(nn.Module):
@@ -90,21 +111,23 @@ class MambaVisionMixer(nn.Module):
         dt_rank: rank of the step-size projection; ``ceil(C / 16)`` by default.
     """
 
-    def __init__(self, dim: int, d_state: int = 8, d_conv: int = 3, dt_rank: Optional[int] = None):
+    def __init__(
+            self, dim: int, d_state: int = 8, d_conv: int = 3, dt_rank: Optional[int] = None, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if dim % 2:
             raise ValueError(f'MambaVisionMixer needs an even channel count, got dim={dim}')
         inner = dim // 2
         self.d_state = d_state
         self.dt_rank = dt_rank or math.ceil(dim / 16)
-        self.in_proj = nn.Linear(dim, dim, bias=False)
-        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(inner, d_state))
-        self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.conv1d_x = nn.Conv1d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=False)
-        self.conv1d_z = nn.Conv1d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=False)
+        self.in_proj = nn.Linear(dim, dim, bias=False, **dd)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False, **dd)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True, **dd)
+        self.A_log = nn.Parameter(torch.empty(inner, d_state, **dd))
+        self.D = nn.Parameter(torch.empty(inner, **dd))
+        self.out_proj = nn.Linear(dim, dim, bias=False, **dd)
+        self.conv1d_x = nn.Conv1d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=False, **dd)
+        self.conv1d_z = nn.Conv1d(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=False, **dd)
         self.reset_ssm_parameters()
 
     def reset_ssm_parameters(self):
@@ -121,27 +144,28 @@ class MambaVisionMixer(nn.Module):
         dt, b, c = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # the dt_proj bias enters twice, in the Linear and as the scan's delta bias, as in the published model
         dt = self.dt_proj(dt).transpose(1, 2)
-        y = selective_scan(
-            x, dt, -torch.exp(self.A_log.float()), b.transpose(1, 2), c.transpose(1, 2),
-            self.D, delta_bias=self.dt_proj.bias, delta_softplus=True)
+        A = -torch.exp(self.A_log.float())
+        b, c = b.transpose(1, 2), c.transpose(1, 2)
+        y = _mixer_scan(x, dt, A, b, c, self.D, self.dt_proj.bias)
         return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))
 
 
 class Attention(nn.Module):
     """Multi-head self-attention without masking: (B, L, C) -> (B, L, C)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.):
+    def __init__(
+            self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0., device=None, dtype=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}')
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
@@ -160,18 +184,21 @@ class HybridBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             layer_scale: Optional[float] = None,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, **dd)
         if use_attention:
-            self.mixer = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop)
+            self.mixer = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, **dd)
         else:
-            self.mixer = MambaVisionMixer(dim)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+            self.mixer = MambaVisionMixer(dim, **dd)
+        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,12 +246,15 @@ class MambaVisionStage(nn.Module):
             drop_path: Union[float, Sequence[float]] = 0.,
             layer_scale: Optional[float] = None,
             layer_scale_conv: Optional[float] = None,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if not downsample and dim != dim_out:
             raise ValueError(f'a stage without downsample keeps its width, got {dim} -> {dim_out}')
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
-        self.downsample = Downsample(dim, dim_out) if downsample else nn.Identity()
+        self.downsample = Downsample(dim, dim_out, **dd) if downsample else nn.Identity()
         self.window_size = window_size if windowed else None
         self.grad_checkpointing = False
         if windowed:
@@ -233,14 +263,14 @@ class MambaVisionStage(nn.Module):
                 HybridBlock(
                     dim_out, num_heads, use_attention=i >= first_attention, mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path[i],
-                    layer_scale=layer_scale)
+                    layer_scale=layer_scale, **dd)
                 for i in range(depth)]
         else:
-            blocks = [ConvBlock(dim_out, drop_path=drop_path[i], layer_scale=layer_scale_conv) for i in range(depth)]
+            blocks = [ConvBlock(dim_out, drop_path=drop_path[i], layer_scale=layer_scale_conv, **dd) for i in range(depth)]
         self.blocks = nn.Sequential(*blocks)
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
@@ -278,6 +308,7 @@ class MambaVision(nn.Module):
         layer_scale_conv: the same for the conv blocks.
         drop_path_rate: stochastic depth, rising linearly over all blocks from 0.
         drop_rate: dropout before the classifier.
+        device, dtype: where, and in which dtype, parameters and buffers are created (timm's factory arguments).
         out_norm: the published detection/segmentation backbone: each stage output taken by
             ``forward_intermediates`` passes through its own LayerNorm2d (``out_norms``), and there
             is no final BatchNorm.
@@ -302,14 +333,17 @@ class MambaVision(nn.Module):
             layer_scale: Optional[float] = None,
             layer_scale_conv: Optional[float] = None,
             out_norm: bool = False,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if not len(depths) == len(num_heads) == len(window_size) == 4:
             raise ValueError('depths, num_heads and window_size need one entry per stage (4)')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.stem = Stem(in_chans, in_dim, dim)
+        self.stem = Stem(in_chans, in_dim, dim, **dd)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # cpu: also under torch.device('meta')
         dims = [dim * 2 ** i for i in range(4)]
         self.stages = nn.Sequential()
@@ -320,12 +354,12 @@ class MambaVision(nn.Module):
                 num_heads=num_heads[i], window_size=window_size[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                layer_scale=layer_scale, layer_scale_conv=layer_scale_conv))
+                layer_scale=layer_scale, layer_scale_conv=layer_scale_conv, **dd))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.num_features = self.head_hidden_size = dims[-1]
-        self.out_norms = nn.ModuleList([LayerNorm2d(d, eps=1e-5) for d in dims]) if out_norm else None
-        self.norm = nn.Identity() if out_norm else nn.BatchNorm2d(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.out_norms = nn.ModuleList([LayerNorm2d(d, eps=1e-5, **dd) for d in dims]) if out_norm else None
+        self.norm = nn.Identity() if out_norm else nn.BatchNorm2d(self.num_features, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
         self.register_load_state_dict_pre_hook(_accept_published_names)
 
@@ -367,13 +401,22 @@ class MambaVision(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))
 
     def load_pretrained(self, checkpoint_path: str):
-        """Load a published or local weight file into this model (timm's ``custom_load`` hook)."""
-        load_pretrained_file(self, checkpoint_path)
+        """Load a published or local weight file into this model (timm's ``custom_load`` hook).
+
+        Weights whose config has no classifier (the dense backbones) leave this model's head freshly
+        initialised, whatever its class count, as timm does for another class count.
+        """
+        headless = getattr(self, 'pretrained_cfg', {}).get('num_classes') == 0
+        load_pretrained_file(self, checkpoint_path, headless=headless)
 
     def _check_input(self, x: torch.Tensor):
+        """A one-line ``ValueError`` for input that is not a (B, in_chans, H, W) float tensor, in eager mode only:
+        fx, TorchScript, ONNX tracing and torch.compile / torch.export see no check (callers skip it when scripting)."""
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point() or x.shape[1] != self.in_chans:
             got = (f'{tuple(x.shape)} {x.dtype}' if isinstance(x, torch.Tensor) else type(x).__name__)
             raise ValueError(
@@ -401,7 +444,8 @@ class MambaVision(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
@@ -438,7 +482,8 @@ class MambaVision(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, ~H/32, ~W/32), after the final norm."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -455,6 +500,8 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> Mam
             f'MambaVision has no dilated stages: output_stride={output_stride} is not supported, only 32')
     cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
     kwargs = {**_arch_args(variant), **_DENSE_ARGS.get(f'{variant}.{cfg.tag}', {}), **kwargs}
+    if kwargs.get('features_only'):
+        kwargs.setdefault('num_classes', 0)  # the head is pruned anyway; a head-less file then fits
     kwargs['pretrained_cfg'] = resolve_weights_source(cfg, kwargs.get('cache_dir')) if pretrained else cfg
     return build_model_with_cfg(
         MambaVision, variant, pretrained,

@@ -201,11 +201,12 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
-def load_pretrained_file(model: nn.Module, path: str) -> None:
+def load_pretrained_file(model: nn.Module, path: str, headless: bool = False) -> None:
     """Load weight file ``path`` into ``model`` strictly, adapting classifier and first conv as timm does.
 
     The classifier is dropped (and stays freshly initialised) when the file's class
-    count differs from the model's (a file without one needs ``num_classes=0``); the
+    count differs from the model's (a file without one needs ``num_classes=0``, unless
+    ``headless`` declares that the file has none: then the model keeps its own head); the
     first conv is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs; a
     classification file loaded into a dense backbone (``out_norm=True``) leaves its final
     norm out and the out-norms freshly initialised.
@@ -219,7 +220,7 @@ def load_pretrained_file(model: nn.Module, path: str) -> None:
     if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
         state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
     for name in ('head.fc.weight', 'head.fc.bias'):
-        if name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
+        if headless or name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
             state_dict[name] = own.get(name)  # another class count, or no classifier: keep the model's own head
     if any(k.startswith('out_norms.') for k in own) and not any(k.startswith('out_norms.') for k in state_dict):
         # classification weights into a dense backbone (fine-tuning as the published detectors were):
