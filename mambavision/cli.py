@@ -181,7 +181,7 @@ def run_info(args) -> int:
         tags = [n.split('.', 1)[1] for n in timm.list_models(name, pretrained=True)]
         cfg = timm.models.get_pretrained_cfg(name)
         models.append(dict(name=name, params=params, input_size=list(cfg.input_size), gmacs=round(macs / 1e9, 3),
-                           pretrained_tags=tags))
+                           pretrained_tags=tags, weights_license=cfg.license))
     models.sort(key=lambda m: (m['params'], m['input_size']))
     report = dict(
         versions=dict(mambavision=mambavision.__version__, torch=torch.__version__, timm=timm.__version__,
@@ -211,6 +211,8 @@ def run_info(args) -> int:
         print(f"{m['name']:20s} {m['params'] / 1e6:8.1f}M {m['input_size'][-1]:7d} {m['gmacs']:8.2f}  "
               f"{', '.join(m['pretrained_tags'])}")
     print(f"\n{report['gmacs_note']}.")
+    print(f"Licences: the published weights {', '.join(sorted({m['weights_license'] for m in models}))} "
+          f"(non-commercial), this library's code Apache-2.0.")
     return 0
 
 
@@ -270,9 +272,13 @@ def create_model_with_weights(command: str, name: str, checkpoint: Optional[str]
         reason = f'no pretrained weights are published for {name}'
     else:
         try:
-            return timm.create_model(name, pretrained=True)
+            model = timm.create_model(name, pretrained=True)
         except (RuntimeError, OSError) as e:  # offline, download refused, unreadable cached file
             reason = _one_line(e)
+        else:
+            print(f'mambavision {command}: published weights of {model.pretrained_cfg["architecture"]}.'
+                  f'{model.pretrained_cfg["tag"]}, licence {cfg.license}', file=sys.stderr)
+            return model
     if require_weights and not random_weights:
         raise CliError(f'{reason} ({hint})')
     print(f'mambavision {command}: warning: {reason}; using RANDOM weights ({hint})', file=sys.stderr)
