@@ -511,14 +511,17 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> Mam
     )
 
 
-def create_dense_backbone(arch: str, window_size: Sequence[int], **kwargs) -> MambaVision:
-    """The published detection/segmentation backbone of architecture ``arch``: out-norms, no head.
+def create_dense_backbone(name: str, window_size: Optional[Sequence[int]] = None, **kwargs) -> MambaVision:
+    """The published detection/segmentation backbone: out-norms, no head.
 
-    ``backbone.forward_intermediates(x, intermediates_only=True)`` gives its four outputs;
-    ``kwargs`` override the architecture (e.g. ``dim``, ``depths`` for a small test model).
+    ``name`` is a dense backbone tag ('mambavision_t.nv_coco': the architecture and the task's
+    windows) or an architecture; ``window_size`` replaces the windows, ``kwargs`` the architecture's
+    other arguments (e.g. ``dim``, ``depths`` for a small test model).
+    ``backbone.forward_intermediates(x, intermediates_only=True)`` gives its four outputs.
     """
     import timm
-    return timm.create_model(arch, num_classes=0, out_norm=True, window_size=tuple(window_size), **kwargs)
+    windows = {} if window_size is None else dict(window_size=tuple(window_size))
+    return timm.create_model(name, num_classes=0, out_norm=True, **windows, **kwargs)
 
 
 def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs):

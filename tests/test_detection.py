@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mambavision.weights
 from mambavision.dense import detection
 from mambavision.dense.detection import CascadeMaskRCNN, create_detector, list_detectors
 from mambavision.weights import rename_published_keys_
@@ -197,7 +198,7 @@ def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch, na
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     calls = []
-    monkeypatch.setattr(detection, 'download_weights', lambda repo, file: calls.append((repo, file)) or str(path))
+    monkeypatch.setattr(mambavision.weights, 'download_weights', lambda repo, file: calls.append((repo, file)) or str(path))
     create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=True, **SMALL_T)
     repo = 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco'
     assert calls == [(repo, repo.split('/')[1] + '.pth')]
@@ -206,8 +207,8 @@ def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch, na
 @pytest.mark.parametrize('state_dict, message', [
     ({'stem.conv1.weight': torch.zeros(1), 'head.fc.weight': torch.zeros(1)}, 'holds a classification model'),
     ({'backbone.stem.conv1.weight': torch.zeros(1), 'decode_head.conv_seg.weight': torch.zeros(1)},
-     'backbone-only or segmentation model'),
-    ({'neck.lateral_convs.0.conv.weight': torch.zeros(256, 96, 1, 1), 'roi_head.x': torch.zeros(1)},
+     r'holds a segmentation model \(no roi_head.\* tensors\), not a Cascade Mask R-CNN'),
+    ({'backbone.patch_embed.conv_down.3.weight': torch.zeros(96, 64, 3, 3), 'roi_head.x': torch.zeros(1)},
      r'is a MambaVision-S Cascade Mask R-CNN \(dim 96\), the model is MambaVision-T \(dim 80\)'),
 ])
 def test_wrong_checkpoint_is_named(tmp_path, state_dict, message):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import mambavision.weights
 from mambavision.dense import segmentation
 from mambavision.dense.segmentation import AdaptiveAvgPool, UPerNet, create_segmenter, list_segmenters
 from mambavision.export import INPUT_NAME, export_onnx, onnx_session
@@ -306,7 +307,7 @@ def test_pretrained_downloads_the_published_file(tmp_path, monkeypatch):
         asked.append((repo_id, filename))
         return str(path)
 
-    monkeypatch.setattr(segmentation, 'download_weights', fake_download)
+    monkeypatch.setattr(mambavision.weights, 'download_weights', fake_download)
     model = _tiny_segmenter(pretrained=True)
     assert asked == [('nvidia/mamba_vision_160k_ade20k-512x512_tiny', 'mamba_vision_160k_ade20k-512x512_tiny.pth')]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
@@ -329,8 +330,9 @@ def test_own_classes_keep_fresh_classifiers(tmp_path):
      'holds a classification model'),
     ({'state_dict': {'backbone.x': torch.zeros(1), 'roi_head.bbox_head.0.fc_cls.weight': torch.zeros(1)}},
      'holds a detection model'),
-    ({'state_dict': {'decode_head.lateral_convs.0.conv.weight': torch.zeros(512, 96, 1, 1)}},
-     'is a MambaVision-S UPerNet (dim 96), the model is MambaVision (dim 16); pick the segmenter name'),
+    ({'state_dict': {'backbone.patch_embed.conv_down.3.weight': torch.zeros(96, 64, 3, 3),
+                     'decode_head.conv_seg.weight': torch.zeros(1)}},
+     'is a MambaVision-S UPerNet segmenter (dim 96), the model is MambaVision (dim 16); pick the name'),
 ])
 def test_wrong_checkpoint_is_one_line(tmp_path, content, message):
     path = tmp_path / 'wrong.pth'

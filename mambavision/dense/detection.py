@@ -15,8 +15,8 @@ from torch import nn
 from torchvision.ops import nms, roi_align
 
 from ..model import create_dense_backbone
-from ..weights import download_weights, load_state_dict_strict, read_state_dict
-from . import unknown_name_error
+from ..weights import load_state_dict_strict
+from . import published_file, read_published_file, unknown_name_error
 from .classes import COCO_CLASSES, COCO_PALETTE
 from .image import as_rgb_images, normalize, resize_keep_ratio
 
@@ -354,8 +354,9 @@ class CascadeMaskRCNN(nn.Module):
     network and post-processing on a normalised, zero-padded batch.
 
     Args:
-        arch: registered MambaVision architecture of the backbone.
-        window_size: the backbone's window per stage.
+        arch: the backbone: a dense backbone tag ('mambavision_t.nv_coco': its architecture and the
+            published windows) or a registered MambaVision architecture.
+        window_size: the backbone's window per stage (default: the tag's).
         channels: width of the FPN, the RPN and the RoI heads' convs.
         fc_channels: width of the box heads' fc layer.
         num_classes: object classes (background comes on top).
@@ -365,8 +366,8 @@ class CascadeMaskRCNN(nn.Module):
 
     def __init__(
             self,
-            arch: str = 'mambavision_t',
-            window_size: Sequence[int] = (8, 8, 112, 56),
+            arch: str = 'mambavision_t.nv_coco',
+            window_size: Optional[Sequence[int]] = None,
             channels: int = 256,
             fc_channels: int = 1024,
             num_classes: int = 80,
@@ -464,37 +465,17 @@ class CascadeMaskRCNN(nn.Module):
         return results
 
 
-# name -> (backbone architecture, Hugging Face repo (file = repo name + '.pth'), box AP, mask AP)
+# name -> (the dense backbone tag: architecture, windows and published file; box AP, mask AP)
 _PUBLISHED = {
-    'cascade_mask_rcnn_mambavision_t.nv_coco': (
-        'mambavision_t', 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco', 51.1, 44.3),
-    'cascade_mask_rcnn_mambavision_s.nv_coco': (
-        'mambavision_s', 'nvidia/cascade_mask_rcnn_mamba_vision_small_3x_coco', 52.3, 45.2),
-    'cascade_mask_rcnn_mambavision_b.nv_coco': (
-        'mambavision_b', 'nvidia/cascade_mask_rcnn_mamba_vision_base_3x_coco', 52.8, 45.7),
+    'cascade_mask_rcnn_mambavision_t.nv_coco': ('mambavision_t.nv_coco', 51.1, 44.3),
+    'cascade_mask_rcnn_mambavision_s.nv_coco': ('mambavision_s.nv_coco', 52.3, 45.2),
+    'cascade_mask_rcnn_mambavision_b.nv_coco': ('mambavision_b.nv_coco', 52.8, 45.7),
 }
-_VARIANT_BY_DIM = {80: 'MambaVision-T', 96: 'MambaVision-S', 128: 'MambaVision-B'}
 
 
 def list_detectors() -> List[str]:
     """Names ``create_detector`` accepts."""
     return list(_PUBLISHED)
-
-
-def _check_detector_file(state_dict: dict, model: CascadeMaskRCNN, source: str):
-    """One-line errors for a file that holds another kind of model or another backbone width."""
-    if not any(k.startswith('roi_head.') for k in state_dict):
-        held = ('a backbone-only or segmentation model (backbone.* but no roi_head.* tensors)'
-                if any(k.startswith('backbone.') for k in state_dict)
-                else 'a classification model (no backbone.*/roi_head.* tensors)')
-        raise ValueError(f'{source} holds {held}, not a Cascade Mask R-CNN')
-    lateral = state_dict.get('neck.lateral_convs.0.conv.weight')
-    file_dim, model_dim = (lateral.shape[1] if lateral is not None else None), model.backbone.feature_info[0]['num_chs']
-    if file_dim != model_dim:
-        file_variant, model_variant = (_VARIANT_BY_DIM.get(d, 'MambaVision') for d in (file_dim, model_dim))
-        raise ValueError(
-            f'{source} is a {file_variant} Cascade Mask R-CNN (dim {file_dim}), the model is {model_variant} '
-            f'(dim {model_dim}); pick the detector name that matches the file')
 
 
 def create_detector(
@@ -510,13 +491,11 @@ def create_detector(
     """
     if name not in _PUBLISHED:
         raise unknown_name_error('detector', name, list(_PUBLISHED))
-    arch, repo, box_ap, mask_ap = _PUBLISHED[name]
-    filename = repo.split('/')[-1] + '.pth'
-    model = CascadeMaskRCNN(arch, **kwargs)
+    backbone, box_ap, mask_ap = _PUBLISHED[name]
+    model = CascadeMaskRCNN(backbone, **kwargs)
+    repo, filename = published_file(backbone)
     model.published = dict(hf_repo=repo, file=filename, box_ap=box_ap, mask_ap=mask_ap)
     if checkpoint_path is not None or pretrained:
-        source = checkpoint_path if checkpoint_path is not None else download_weights(repo, filename)
-        state_dict = read_state_dict(source)
-        _check_detector_file(state_dict, model, str(source))
-        load_state_dict_strict(model, state_dict, str(source))
+        state_dict = read_published_file(backbone, checkpoint_path, 'Cascade Mask R-CNN', 'roi_head', model)
+        load_state_dict_strict(model, state_dict, str(checkpoint_path or filename))
     return model.eval()

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import create_dense_backbone
-from ..weights import download_weights, load_state_dict_strict, read_state_dict
-from . import unknown_name_error
+from ..weights import load_state_dict_strict
+from . import published_file, read_published_file, unknown_name_error
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
 from .detection import ConvModule
 from .image import as_rgb_images, normalize, resize_keep_ratio
@@ -286,40 +286,18 @@ class UPerNet(nn.Module):
         return dict(logits=logits.cpu(), labels=_argmax_classes(logits).cpu())
 
 
-# name -> (backbone architecture, its windows, Hugging Face repo (file = repo name + '.pth'), test scale, mIoU)
+# name -> (the dense backbone tag: architecture, windows and published file; test scale, mIoU)
 _PUBLISHED = {
-    'upernet_mambavision_t.nv_ade20k': (
-        'mambavision_t', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-512x512_tiny', (2048, 512), 46.0),
-    'upernet_mambavision_s.nv_ade20k': (
-        'mambavision_s', (8, 8, 160, 56), 'nvidia/mamba_vision_160k_ade20k-512x512_small', (2048, 512), 48.2),
-    'upernet_mambavision_b.nv_ade20k': (
-        'mambavision_b', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-512x512_base', (2048, 512), 49.1),
-    'upernet_mambavision_l3.nv_in21k_ade20k_640': (
-        'mambavision_l3_256', (8, 8, 64, 32), 'nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', (2560, 640), 53.2),
+    'upernet_mambavision_t.nv_ade20k': ('mambavision_t.nv_ade20k', (2048, 512), 46.0),
+    'upernet_mambavision_s.nv_ade20k': ('mambavision_s.nv_ade20k', (2048, 512), 48.2),
+    'upernet_mambavision_b.nv_ade20k': ('mambavision_b.nv_ade20k', (2048, 512), 49.1),
+    'upernet_mambavision_l3.nv_in21k_ade20k_640': ('mambavision_l3_256.nv_in21k_ade20k_640', (2560, 640), 53.2),
 }
-_VARIANT_BY_DIM = {80: 'MambaVision-T', 96: 'MambaVision-S', 128: 'MambaVision-B', 256: 'MambaVision-L3'}
 
 
 def list_segmenters() -> List[str]:
     """Names ``create_segmenter`` accepts."""
     return list(_PUBLISHED)
-
-
-def _check_segmenter_file(state_dict: dict, model: UPerNet, source: str):
-    """One-line errors for a file that holds another kind of model or another backbone width."""
-    if not any(k.startswith('decode_head.') for k in state_dict):
-        prefixes = {k.split('.')[0] for k in state_dict}
-        held = ('a detection model (roi_head.* tensors)' if 'roi_head' in prefixes
-                else 'a backbone-only model (no decode_head.* tensors)' if 'backbone' in prefixes
-                else 'a classification model (no backbone.*/decode_head.* tensors)')
-        raise ValueError(f'{source} holds {held}, not an UPerNet segmenter')
-    lateral = state_dict.get('decode_head.lateral_convs.0.conv.weight')
-    file_dim, model_dim = (lateral.shape[1] if lateral is not None else None), model.backbone.feature_info[0]['num_chs']
-    if file_dim != model_dim:
-        file_variant, model_variant = (_VARIANT_BY_DIM.get(d, 'MambaVision') for d in (file_dim, model_dim))
-        raise ValueError(
-            f'{source} is a {file_variant} UPerNet (dim {file_dim}), the model is {model_variant} '
-            f'(dim {model_dim}); pick the segmenter name that matches the file')
 
 
 def create_segmenter(
@@ -338,18 +316,16 @@ def create_segmenter(
     """
     if name not in _PUBLISHED:
         raise unknown_name_error('segmenter', name, list(_PUBLISHED))
-    arch, windows, repo, test_scale, miou = _PUBLISHED[name]
+    backbone, test_scale, miou = _PUBLISHED[name]
     ade20k = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE) if kwargs.get('num_classes', 150) == 150 else {}
     kwargs = {'test_scale': test_scale, **ade20k, **kwargs}
-    model = UPerNet(create_dense_backbone(arch, windows, **(backbone_kwargs or {})), **kwargs)
-    filename = repo.split('/')[-1] + '.pth'
+    model = UPerNet(create_dense_backbone(backbone, **(backbone_kwargs or {})), **kwargs)
+    repo, filename = published_file(backbone)
     model.published = dict(hf_repo=repo, file=filename, miou=miou)
     if checkpoint_path is not None or pretrained:
-        source = checkpoint_path if checkpoint_path is not None else download_weights(repo, filename)
-        state_dict = read_state_dict(source)
-        _check_segmenter_file(state_dict, model, str(source))
+        state_dict = read_published_file(backbone, checkpoint_path, 'UPerNet segmenter', 'decode_head', model)
         classifier = state_dict.get('decode_head.conv_seg.weight')
         if classifier is not None and classifier.shape[0] != model.num_classes:  # own classes: fresh classifiers
             state_dict = {**state_dict, **{k: v for k, v in model.state_dict().items() if '.conv_seg.' in k}}
-        load_state_dict_strict(model, state_dict, str(source))
+        load_state_dict_strict(model, state_dict, str(checkpoint_path or filename))
     return model.eval()
