@@ -101,7 +101,8 @@ def _add_config_options(parser: argparse.ArgumentParser, sections):
 
 
 def _add_common(parser: argparse.ArgumentParser):
-    parser.add_argument('--data-dir', required=True, help='dataset root (ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*)')
+    parser.add_argument('--data-dir', required=True, help='dataset root (ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*); '
+                                                          'validate also takes DIR/<class>/*')
     parser.add_argument('--dataset', default='', help="timm dataset spec, e.g. 'torch/cifar10' ('' = image folders)")
     parser.add_argument('--val-split', default='validation', help='validation split (folder name or synonym)')
     parser.add_argument('--img-size', type=int, help='square input size, shortcut for --input-size 3 S S')
@@ -243,8 +244,10 @@ def _dataset(args, split: str, is_training: bool):
         if not os.path.isdir(args.data_dir):
             raise FileNotFoundError(f'data folder not found: {args.data_dir}')
         ds = create_dataset('', root=args.data_dir, split=split, is_training=is_training)
-        if os.path.samefile(ds.reader.root, args.data_dir):
+        if os.path.samefile(ds.reader.root, args.data_dir) and (
+                is_training or os.path.isdir(os.path.join(args.data_dir, 'train'))):
             raise FileNotFoundError(f'no {split} folder in {args.data_dir} (expected {args.data_dir}/{split}/<class>/<image>)')
+        # validation also takes a folder whose sub-folders are the classes (no split folder)
         return SkippingImageDataset(ds.reader.root, reader=ds.reader)
     return create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training)
 

@@ -173,6 +173,11 @@ def test_validate_on_the_trained_checkpoint(run, tmp_path):
                str(run['out'] / 'best.pth.tar'), '--ema', '--img-size', '32', '--workers', '0', '--results-file', str(results)])
     res = json.loads(results.read_text())
     assert rc == 0 and res['ema'] and res['top1'] == pytest.approx(best['ema_top1'])
+    # a folder whose sub-folders are the classes (no split folder) validates the same images
+    rc = main(['validate', '--data-dir', str(run['data'] / 'val'), '--model', 'test_mambavision', '--checkpoint',
+               str(run['out'] / 'best.pth.tar'), '--img-size', '32', '--workers', '0', '--results-file', str(results)])
+    res = json.loads(results.read_text())
+    assert rc == 0 and res['samples'] == 4 * 8 and res['top1'] == pytest.approx(best['top1'])
 
 
 def test_single_process_fine_tune_from_published_weights(tmp_path, capsys):
