@@ -2,8 +2,8 @@
 
 The graph comes from PyTorch's TorchScript-based exporter (``torch.onnx.export(...,
 dynamo=False)``). The selective scan, a custom op elsewhere, is exported as
-``selective_scan_graph``: a fixed number of standard whole-tensor ops, since a window's
-token count is fixed per stage. Batch, height and width stay dynamic: the window
+``selective_scan_graph``: its recurrence unrolled into standard ops (a multiply and an add
+per token), since a window's token count is fixed per stage. Batch, height and width stay dynamic: the window
 padding and partitioning are traced as shape arithmetic, so one file serves any input
 size (odd and non-square included).
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, get_device_dtype, trunc_normal_
+from timm.layers import (
+    ClassifierHead, DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, get_device_dtype, trunc_normal_)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -266,7 +267,8 @@ class MambaVisionStage(nn.Module):
                     layer_scale=layer_scale, **dd)
                 for i in range(depth)]
         else:
-            blocks = [ConvBlock(dim_out, drop_path=drop_path[i], layer_scale=layer_scale_conv, **dd) for i in range(depth)]
+            blocks = [
+                ConvBlock(dim_out, drop_path=drop_path[i], layer_scale=layer_scale_conv, **dd) for i in range(depth)]
         self.blocks = nn.Sequential(*blocks)
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:

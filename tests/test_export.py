@@ -1,6 +1,8 @@
 """ONNX export: one graph of standard ops with dynamic batch, height and width that runs in
 onnxruntime like PyTorch at other sizes than the traced one (odd, non-square: the window
 padding is traced as shape arithmetic), and the ``mambavision export`` command."""
+import importlib
+
 import onnx
 import pytest
 import timm
@@ -9,18 +11,33 @@ import torch
 import mambavision  # noqa: F401
 from mambavision.cli import main
 from mambavision.export import INPUT_NAME, export_onnx, max_onnx_difference, onnx_session
+from mambavision.model import MambaVisionMixer
+
+scan_module = importlib.import_module('mambavision.ops.selective_scan')  # the package exports the function by that name
 
 REL_TOL = 1e-4
 
 
 def _model(name='test_mambavision', **kwargs):
+    """Random weights under which every part shows in the output, the scan's recurrence included.
+
+    With the default init the mixer's skip (D * x) drowns the scan: an export with a wrong scan
+    would pass. Here the projections into and out of the scan are of unit gain, the step sizes and
+    decays spread (A_log perturbed), D is small, and the norms have statistics.
+    """
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
-    with torch.no_grad():  # non-trivial norm statistics, so that an export that drops them shows
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, MambaVisionMixer):
+                for proj in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj):
+                    proj.weight.normal_(0, proj.in_features ** -0.5)
+                m.dt_proj.bias.uniform_(-2, 0)
+                m.A_log.add_(torch.randn_like(m.A_log))
+                m.D.uniform_(-0.1, 0.1)
     return model
 
 
@@ -33,7 +50,7 @@ def _rel_difference(session, model, shape):
 
 @pytest.mark.parametrize('length', [1, 2, 13, 49, 196])
 def test_graph_scan_matches_reference(length):
-    """The ONNX form of the scan (log-depth, standard ops) == the sequential float64 loop, any length."""
+    """The ONNX form of the scan (an unrolled sweep of standard ops) == the sequential float64 loop, any length."""
     from mambavision.ops.selective_scan import selective_scan_graph, selective_scan_ref
     g = torch.Generator().manual_seed(length)
     u, delta = torch.randn(2, 2, 6, length, generator=g)
@@ -43,6 +60,29 @@ def test_graph_scan_matches_reference(length):
     y = selective_scan_graph(u, delta, A, B, C, D, bias)
     expected = selective_scan_ref(*[t.double() for t in (u, delta, A, B, C, D, bias)])
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _backwards(scan):
+    """``scan`` run from the last token to the first."""
+    def wrong(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+        return scan(u.flip(-1), delta.flip(-1), A, B.flip(-1), C.flip(-1), D, delta_bias, delta_softplus).flip(-1)
+    return wrong
+
+
+def _memoryless(scan):
+    """``scan`` whose states forget the previous one (every decay exp(dt * A * 1e4) = 0)."""
+    def wrong(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
+        return scan(u, delta, A * 1e4, B, C, D, delta_bias, delta_softplus)
+    return wrong
+
+
+@pytest.mark.parametrize('wrong_scan', [_backwards, _memoryless])
+def test_model_checks_see_a_wrong_scan(wrong_scan, monkeypatch, tmp_path):
+    """With ``_model``'s weights an export whose scan is wrong fails the full-model check by far."""
+    model = _model()
+    monkeypatch.setattr(scan_module, 'selective_scan_graph', wrong_scan(scan_module.selective_scan_graph))
+    path = export_onnx(model, tmp_path / 'wrong.onnx', img_size=64, batch_size=2)
+    assert _rel_difference(onnx_session(path), model, (2, 3, 64, 64)) > 10 * REL_TOL
 
 
 @pytest.fixture(scope='module')
