@@ -185,3 +185,15 @@ def test_push_to_hub_loads_back_from_hf_hub(tmp_path, no_network, monkeypatch):
     uploaded = {p.name for p in (tmp_path / 'hub/someone/mambavision-t-flowers').iterdir()}
     assert {'config.json', 'model.safetensors', 'README.md'} <= uploaded
     _assert_same_model(timm.create_model('hf-hub:someone/mambavision-t-flowers', pretrained=True), model)
+
+
+def test_readme_recipe_shares_a_training_checkpoint(tmp_path, no_network):
+    """README: a checkpoint written by ``mambavision train`` -> create_model(file=...) -> save_for_hf -> local-dir:."""
+    model = _fine_tuned()
+    checkpoint = tmp_path / 'best.pth.tar'
+    torch.save({'state_dict': model.state_dict(), 'state_dict_ema': {}, 'epoch': 3}, checkpoint)
+    small = dict(depths=(1, 1, 2, 2), dim=16, in_dim=8, num_heads=(1, 1, 2, 2))
+    trained = timm.create_model('mambavision_t.nv_in1k', num_classes=5, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(checkpoint)), **small)
+    save_for_hf(trained, tmp_path / 'mambavision-t-flowers')
+    _assert_same_model(timm.create_model(f'local-dir:{tmp_path / "mambavision-t-flowers"}', pretrained=True), model)
