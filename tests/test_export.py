@@ -7,6 +7,7 @@ import onnx
 import pytest
 import timm
 import torch
+from timm.layers import LayerScale
 
 import mambavision  # noqa: F401
 from mambavision.cli import main
@@ -23,7 +24,8 @@ def _model(name='test_mambavision', **kwargs):
 
     With the default init the mixer's skip (D * x) drowns the scan: an export with a wrong scan
     would pass. Here the projections into and out of the scan are of unit gain, the step sizes and
-    decays spread (A_log perturbed), D is small, and the norms have statistics.
+    decays spread (A_log perturbed), D is small, layer scales (B, L variants: 1e-5) are 1, and the
+    norms have statistics.
     """
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
@@ -38,6 +40,8 @@ def _model(name='test_mambavision', **kwargs):
                 m.dt_proj.bias.uniform_(-2, 0)
                 m.A_log.add_(torch.randn_like(m.A_log))
                 m.D.uniform_(-0.1, 0.1)
+            elif isinstance(m, LayerScale):
+                m.gamma.fill_(1.)
     return model
 
 
