@@ -181,9 +181,11 @@ def test_push_to_hub_loads_back_from_hf_hub(tmp_path, no_network, monkeypatch):
     monkeypatch.setattr(timm.models._hub, 'HfApi', lambda **kwargs: hub)
     monkeypatch.setattr(timm.models._hub, 'hf_hub_download', hub.download)
     model = _fine_tuned()
-    push_to_hf_hub(model, 'someone/mambavision-t-flowers')
-    uploaded = {p.name for p in (tmp_path / 'hub/someone/mambavision-t-flowers').iterdir()}
-    assert {'config.json', 'model.safetensors', 'README.md'} <= uploaded
+    # the model card's licence defaults to apache-2.0: a model fine-tuned from the published weights passes theirs
+    push_to_hf_hub(model, 'someone/mambavision-t-flowers', model_card=dict(license=model.pretrained_cfg['license']))
+    repo = tmp_path / 'hub/someone/mambavision-t-flowers'
+    assert {'config.json', 'model.safetensors', 'README.md'} <= {p.name for p in repo.iterdir()}
+    assert 'license: cc-by-nc-sa-4.0' in (repo / 'README.md').read_text().splitlines()
     _assert_same_model(timm.create_model('hf-hub:someone/mambavision-t-flowers', pretrained=True), model)
 
 
