@@ -29,10 +29,15 @@ def test_grayscale_rgba_and_16_bit_are_converted(tmp_path):
     rgba = np.concatenate([rgb, np.full_like(gray[:, :, None], 7)], axis=2)
     assert np.array_equal(as_rgb_images(rgba)[0], rgb)
     assert np.array_equal(as_rgb_images(Image.fromarray(rgba, 'RGBA'))[0], rgb)
-    sixteen = rgb.astype(np.uint16) * 257 + 100  # 8-bit values scaled to 16 bits, plus less than half a step
+    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+    assert np.array_equal(as_rgb_images(tmp_path / 'rgba.png')[0], rgb)
+    # 8-bit values scaled to 16 bits, plus less than half a step
+    sixteen = (rgb.astype(np.uint32) * 257 + 100).clip(max=65535).astype(np.uint16)
     assert np.array_equal(as_rgb_images(sixteen)[0], rgb)
+    # a 16-bit file is decoded as mmcv decodes it: OpenCV keeps the high byte
     Image.fromarray(sixteen[:, :, 0]).save(tmp_path / 'gray16.png')
-    assert np.array_equal(as_rgb_images(tmp_path / 'gray16.png')[0], np.stack([rgb[:, :, 0]] * 3, axis=2))
+    high_byte = (sixteen[:, :, 0] >> 8).astype(np.uint8)
+    assert np.array_equal(as_rgb_images(tmp_path / 'gray16.png')[0], np.stack([high_byte] * 3, axis=2))
 
 
 @pytest.mark.parametrize('bad, message', [

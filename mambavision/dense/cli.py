@@ -19,9 +19,9 @@ import torch
 from ..cli import CliError, _one_line, _open_image, _resolve_device, amp_autocast
 from .evaluate import (
     COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_image_paths, coco_results, intersect_and_union,
-    load_coco, read_ade20k_label, read_image, segmentation_metrics,
+    load_coco, read_ade20k_label, segmentation_metrics,
 )
-from .image import as_rgb_images
+from .image import as_rgb_images, read_image_file
 from .visualize import class_shares, draw_detections, format_share, label_map_image, segmentation_overlay
 
 __all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
@@ -157,7 +157,7 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
 
     def predict(path):
         with torch.inference_mode(), amp_autocast(device.type, args.amp):
-            return model.predict(read_image(path), **options)[0]
+            return model.predict(read_image_file(path), **options)[0]
 
     if args.task == 'seg':
         areas = torch.zeros(4, len(model.class_names), dtype=torch.int64)

@@ -26,7 +26,7 @@ import torch
 
 __all__ = [
     'COCO_CATEGORY_IDS', 'intersect_and_union', 'segmentation_metrics', 'ade20k_samples', 'read_ade20k_label',
-    'read_image', 'import_pycocotools', 'load_coco', 'coco_image_paths', 'coco_results', 'coco_evaluate',
+    'import_pycocotools', 'load_coco', 'coco_image_paths', 'coco_results', 'coco_evaluate',
 ]
 
 IGNORE_INDEX = 255
@@ -101,18 +101,6 @@ def read_ade20k_label(path: str) -> np.ndarray:
     label = np.where(label == 0, IGNORE_INDEX, label - 1).astype(np.uint8)
     label[label == IGNORE_INDEX - 1] = IGNORE_INDEX  # a label 255 in the file stays ignored, as in mmseg
     return label
-
-
-def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image decoded by OpenCV, as mmcv's ``LoadImageFromFile`` decodes it."""
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError("reading the evaluation images needs OpenCV: pip install 'mambavision[dense]'") from None
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f'cannot read {path} as an image')
-    return np.ascontiguousarray(image[..., ::-1])
 
 
 # ---------------------------------------------------------------------------------------------

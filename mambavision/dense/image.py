@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ['MEAN', 'STD', 'as_rgb_images', 'resize_keep_ratio', 'normalize']
+__all__ = ['MEAN', 'STD', 'as_rgb_images', 'read_image_file', 'resize_keep_ratio', 'normalize']
 
 # the published models' RGB normalisation, on the 0-255 scale
 MEAN = (123.675, 116.28, 103.53)
@@ -25,18 +25,32 @@ def _from_pil(image) -> np.ndarray:
     return np.asarray(image.convert('RGB'))
 
 
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError(
+            'the published test pipelines read and resize images with OpenCV: pip install "mambavision[dense]"') from None
+    return cv2
+
+
+def read_image_file(path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of image file ``path``, decoded as mmcv's ``LoadImageFromFile`` decodes it
+    (OpenCV, colour: grayscale gets three channels, alpha is dropped, 16 bits become 8, EXIF orientation applied)."""
+    cv2 = _cv2()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'image not found: {path}')
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f'cannot read image {path}: not an image file OpenCV can decode')
+    return np.ascontiguousarray(image[..., ::-1])
+
+
 def _to_rgb_uint8(image) -> np.ndarray:
     """One image -> (H, W, 3) uint8 RGB."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f'image not found: {image}')
-        try:
-            with Image.open(image) as opened:
-                image = ImageOps.exif_transpose(opened)  # as cv2.imread (mmcv) honours the EXIF orientation
-                image.load()
-        except OSError as e:
-            raise ValueError(f'cannot read image {image}: {e}') from None
+        return read_image_file(image)
     if isinstance(image, Image.Image):
         array = _from_pil(image)
     elif isinstance(image, torch.Tensor):
@@ -63,7 +77,8 @@ def _to_rgb_uint8(image) -> np.ndarray:
 def as_rgb_images(images) -> List[np.ndarray]:
     """An image or a list of them (PIL, (H, W, 3) uint8 array or tensor, path) -> list of (H, W, 3) uint8 RGB.
 
-    Grayscale gets three channels, RGBA loses its alpha, 16-bit images are scaled to 8 bits
+    Files are decoded as mmcv decodes them (``read_image_file``). Arrays and PIL images:
+    grayscale gets three channels, RGBA loses its alpha, 16-bit images are scaled to 8 bits
     (x / 257, rounded); anything else raises a one-line error.
     """
     if isinstance(images, (list, tuple)):
@@ -79,11 +94,7 @@ def resize_keep_ratio(image: np.ndarray, scale: Sequence[int]) -> Tuple[np.ndarr
     The factor is min(long / long side, short / short side), the new size ``int(x * factor + 0.5)``,
     the interpolation cv2's bilinear. Returns the image and (new_w / w, new_h / h).
     """
-    try:
-        import cv2
-    except ImportError:
-        raise ImportError(
-            'the published test pipelines resize with OpenCV: pip install "mambavision[dense]"') from None
+    cv2 = _cv2()
     h, w = image.shape[:2]
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
