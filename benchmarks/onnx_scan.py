@@ -21,13 +21,14 @@ import torch
 
 import mambavision  # noqa: F401  (registers the models)
 from mambavision.export import INPUT_NAME, export_onnx, onnx_session
+from mambavision.ops import torch_scan
 
-scan_module = importlib.import_module('mambavision.ops.selective_scan')
+scan_module = importlib.import_module('mambavision.ops.selective_scan')  # the export's selective_scan_graph
 
 
 def selective_scan_log_depth(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     """The previous ONNX scan: ceil(log2 L) whole-tensor steps composing h -> a*h + b over doubling distances."""
-    a, b = scan_module._discretize(u, delta, A, B, delta_bias, delta_softplus)  # (B, D, L, N)
+    a, b = torch_scan._discretize(u, delta, A, B, delta_bias, delta_softplus)  # (B, D, L, N)
     length = u.shape[-1]
     k = 1
     while k < length:
@@ -35,7 +36,7 @@ def selective_scan_log_depth(u, delta, A, B, C, D=None, delta_bias=None, delta_s
         if 2 * k < length:
             a = torch.cat([a[:, :, :k], a[:, :, k:] * a[:, :, :-k]], dim=2)
         k *= 2
-    return scan_module._add_skip((b * C.float().transpose(1, 2).unsqueeze(1)).sum(-1), u, D)
+    return torch_scan._add_skip((b * C.float().transpose(1, 2).unsqueeze(1)).sum(-1), u, D)
 
 
 def export_with(scan, model, path, img_size):

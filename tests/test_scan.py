@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import mambavision
-from mambavision.ops import selective_scan, selective_scan_ref, selective_scan_torch
+from mambavision.ops import selective_scan, selective_scan_ref, selective_scan_torch, torch_scan
 from mambavision.ops.cpu_scan import selective_scan_cpu
 
 CPU_BACKENDS = mambavision.available_scan_backends('cpu')
 
 
 def _inputs(batch=2, channels=5, length=7, d_state=4, seed=0, dtype=torch.float32):
-    """Random scan inputs (shapes: mambavision.ops.selective_scan's module doc)."""
+    """Random scan inputs (shapes: mambavision.ops.torch_scan's module doc)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     return dict(
@@ -92,14 +92,13 @@ def test_torch_backend_inference_blocks_match_reference(length, layout, monkeypa
 
     'tokens_first' passes delta, B and C as transposed views of (batch, L, channels) tensors, as the mixer does.
     """
-    scan_module = importlib.import_module('mambavision.ops.selective_scan')  # the module, not the function
     x = _inputs(batch=3, channels=6, length=length, d_state=4, seed=length)
     if layout == 'tokens_first':
         for k in ('delta', 'B', 'C'):
             x[k] = x[k].transpose(1, 2).contiguous().transpose(1, 2)
     y_ref = selective_scan_ref(**x)
     for block_elements in (1, 5 * 3 * 6 * 4, 2 ** 17):  # one step, five steps and all steps per block
-        monkeypatch.setattr(scan_module, '_BLOCK_ELEMENTS', block_elements)
+        monkeypatch.setattr(torch_scan, '_BLOCK_ELEMENTS', block_elements)
         with torch.inference_mode():
             torch.testing.assert_close(selective_scan_torch(**x), y_ref, rtol=1e-5, atol=1e-5)
 

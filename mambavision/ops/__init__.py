@@ -1,5 +1,5 @@
 """Kernels and their pure-PyTorch references."""
 from .selective_scan import (
-    available_scan_backends, get_scan_backend, resolve_scan_backend, selective_scan, selective_scan_ref,
-    selective_scan_torch, set_scan_backend,
+    available_scan_backends, get_scan_backend, resolve_scan_backend, selective_scan, set_scan_backend,
 )
+from .torch_scan import selective_scan_ref, selective_scan_torch

@@ -31,6 +31,8 @@ from typing import List, Optional
 
 import torch
 
+from .torch_scan import selective_scan_torch, vjp_backward
+
 __all__ = ['load', 'selective_scan_cpu', 'selective_scan_cpu_backward']
 
 SOURCE = Path(__file__).parent / 'csrc' / 'selective_scan_cpu.c'
@@ -144,13 +146,12 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    """float32 scan of CPU tensors by the kernel; shapes as ``selective_scan`` (u, delta (B, D, L) -> y (B, D, L)).
+    """float32 scan of CPU tensors by the kernel; shapes as ``torch_scan``'s (u, delta (B, D, L) -> y (B, D, L)).
 
     More than 64 states per channel run the ``torch`` backend.
     """
     library = _library_for(A.shape[1])
     if library is None:
-        from .selective_scan import selective_scan_torch
         return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
     batch, channels, length = u.shape
     u_, delta_, B_, C_ = _tokens_first(u, delta, B, C)
@@ -169,8 +170,7 @@ def selective_scan_cpu_backward(dy, u, delta, A, B, C, D=None, delta_bias=None, 
     """
     library = _library_for(A.shape[1])
     if library is None:
-        from .selective_scan import _vjp_backward, selective_scan_torch
-        return _vjp_backward(selective_scan_torch)(dy, u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return vjp_backward(selective_scan_torch)(dy, u, delta, A, B, C, D, delta_bias, delta_softplus)
     batch, channels, length = u.shape
     nstate, groups = A.shape[1], -(-channels // _LANES)
     dy_, u_, delta_, B_, C_ = _tokens_first(dy, u, delta, B, C)

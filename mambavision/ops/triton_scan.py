@@ -1,7 +1,7 @@
 """Triton selective scan (Mamba-1 recurrence), forward and backward.
 
 The CUDA backend used when mamba-ssm's compiled kernel is absent. Semantics and shapes
-are those of ``selective_scan.selective_scan_ref``:
+are those of ``torch_scan.selective_scan_ref``:
 
     u, delta:   (B, D, L)   fp32 / bf16 / fp16
     A:          (D, N)
