@@ -6,7 +6,7 @@ checked for its keys, finite numbers and passing correctness rows. Its recorder 
 in-process: a failing measurement is recorded with its error and the next one still runs,
 and measurements past the time budget are recorded as skipped.
 """
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mambavision.ops import get_scan_backend
+from mambavision.ops import get_scan_backend, set_scan_backend
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'benchmarks' / 'gpu.py'
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location('mambavision_gpu_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bench(monkeypatch):
+    """Imports a module of the script (gpu, gpu_report, gpu_timings) as the script does: its folder on the path."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    return importlib.import_module
 
 
 def _numbers(obj):
@@ -96,13 +96,13 @@ def test_smoke_timings_cover_every_mode_and_backend(smoke):
     assert '\n'.join(lines[-4:]) in (out / 'gpu_results.md').read_text()
 
 
-def test_recorder_keeps_going_after_a_failure_and_respects_the_budget(tmp_path):
-    gpu = _load_script()
+def test_recorder_keeps_going_after_a_failure_and_respects_the_budget(tmp_path, bench):
     report = {}
-    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report=report)
+    gpu_report = bench('gpu_report')
+    rec = gpu_report.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report=report)
 
     def broken():
-        gpu.set_scan_backend('reference')
+        set_scan_backend('reference')
         raise RuntimeError('kernel exploded\nsecond line')
     rec.run('scan', dict(backend='x'), broken)
     assert get_scan_backend() == 'auto'  # the forced backend does not leak into the next row
@@ -116,28 +116,28 @@ def test_recorder_keeps_going_after_a_failure_and_respects_the_budget(tmp_path):
     assert third['skipped'].startswith('time budget') and 'wall_s' not in third
 
 
-def test_recorder_frees_memory_after_leaving_the_handler(tmp_path, monkeypatch):
+def test_recorder_frees_memory_after_leaving_the_handler(tmp_path, monkeypatch, bench):
     """Memory is freed once the failed measurement's frames (held by the traceback inside the
     handler) are gone, so its tensors can be freed too."""
-    gpu = _load_script()
+    gpu_report = bench('gpu_report')
     tensors, alive_when_freeing = [], []
 
     def out_of_memory():
         activations = torch.ones(1000)
         tensors.append(weakref.ref(activations))
         raise RuntimeError('CUDA out of memory')
-    monkeypatch.setattr(gpu, 'free_memory', lambda device: alive_when_freeing.append(tensors[0]() is not None))
-    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
+    monkeypatch.setattr(gpu_report, 'free_memory', lambda device: alive_when_freeing.append(tensors[0]() is not None))
+    rec = gpu_report.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
     rec.run('train', dict(backend='x'), out_of_memory)
     assert alive_when_freeing == [False]
 
 
-def test_every_backend_is_timed_from_cleared_gradients(tmp_path, monkeypatch):
+def test_every_backend_is_timed_from_cleared_gradients(tmp_path, monkeypatch, bench):
     """A training step that failed after its backward leaves .grad tensors: the next backend's timing
     starts without them (they would be added to)."""
-    gpu = _load_script()
+    gpu_timings = bench('gpu_timings')
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 1000))
-    monkeypatch.setattr(gpu, 'build', lambda name, device, train: model)
+    monkeypatch.setattr(gpu_timings, 'build', lambda name, device, train: model)
     grads_cleared = []
 
     def measure(step, warmup, repeats, batch, device):
@@ -146,16 +146,16 @@ def test_every_backend_is_timed_from_cleared_gradients(tmp_path, monkeypatch):
             model(torch.randn(2, 3, 4, 4)).sum().backward()
             raise RuntimeError('CUDA out of memory')
         return dict(ms=1.)
-    monkeypatch.setattr(gpu, 'measure', measure)
-    rec = gpu.Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
+    monkeypatch.setattr(gpu_timings, 'measure', measure)
+    rec = bench('gpu_report').Recorder(str(tmp_path / 'r.json'), budget_s=1e9, device=torch.device('cpu'), report={})
     settings = dict(train_warmup=1, train_repeats=1, batch_size=2, img_size=4)
-    gpu.timing_section(rec, 'train', ['test_mambavision'], ['torch', 'reference'], 'eager', settings)
+    gpu_timings.timing_section(rec, 'train', ['test_mambavision'], ['torch', 'reference'], 'eager', settings)
     assert grads_cleared == [True, True]
     assert [('error' in r, r.get('ms')) for r in rec.report['train']] == [(True, None), (False, 1.)]
 
 
-def test_bad_arguments_are_one_line_errors(capsys):
-    gpu = _load_script()
+def test_bad_arguments_are_one_line_errors(capsys, bench):
+    gpu = bench('gpu')
     cases = [(['--backends', 'triton,cuda'], '--backends: unknown cuda'),
              (['--train-models', 'mambavision_x'], '--train-models: unknown model mambavision_x')]
     if not torch.cuda.is_available():
