@@ -107,7 +107,7 @@ def test_segment(tmp_path, use_stub, capsys):
 
 
 def test_detect(tmp_path, use_stub, capsys):
-    pixels = _image(tmp_path / 'room.jpg', 60, 80)
+    _image(tmp_path / 'room.jpg', 60, 80)
     masks = torch.zeros(2, 60, 80, dtype=torch.bool)
     masks[0, 12:40, 15:50] = masks[1, 0:5, 0:5] = True
     found = dict(boxes=torch.tensor([[15., 12., 50., 40.], [0., 0., 5., 5.]]), scores=torch.tensor([0.8, 0.2]),

@@ -11,7 +11,6 @@ from PIL import Image
 
 from pycocotools import mask as pycocotools_mask  # the `coco` extra, part of the test extra
 
-from mambavision.dense import evaluate
 from mambavision.dense.evaluate import (
     ade20k_samples, coco_evaluate, coco_results, intersect_and_union, load_coco, read_ade20k_label,
     segmentation_metrics,

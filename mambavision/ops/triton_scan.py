@@ -438,6 +438,18 @@ def kernel_config(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Tru
             f'{cfg.block_n}, segmented {cfg.seg_chunks_fwd < n_chunks}/{cfg.seg_chunks_bwd < n_chunks}')
 
 
+def _kernel_args(u, delta, A, B, C, D, delta_bias, delta_softplus, y, states, cfg, block_d: int, seg_chunks: int):
+    """What both kernels take first: the tensors (an absent D / delta_bias passed as A, unread), the sizes and
+    strides (``y``: the forward's output or the backward's dy, (B, D, L)), and the compile-time flags."""
+    n_ch, seqlen = u.shape[1:]
+    inputs = (u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, y, states)
+    sizes = (n_ch, seqlen, A.shape[1], seg_chunks,
+             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride())
+    flags = dict(HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                 BLOCK_D=block_d, BLOCK_L=cfg.block_l, BLOCK_N=cfg.block_n, num_warps=NUM_WARPS)
+    return inputs, sizes, flags
+
+
 def triton_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, block_d=None, block_l=None,
                     seg_len=None, save=False):
     """Forward kernel: y (B, D, L) in u's dtype, and with ``save`` the chunk-start states
@@ -460,11 +472,8 @@ def triton_scan_fwd(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=T
     states = torch.empty((batch, n_ch, n_chunks, n_state) if save else (1,),
                          dtype=torch.float32, device=u.device)
     kernel = _scan_fwd_kernel[(batch, triton.cdiv(n_ch, cfg.block_d_fwd), n_seg)]
-    inputs = (u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, y, states)
-    sizes = (n_ch, seqlen, n_state, cfg.seg_chunks_fwd,
-             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *y.stride())
-    flags = dict(HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                 BLOCK_D=cfg.block_d_fwd, BLOCK_L=cfg.block_l, BLOCK_N=cfg.block_n, num_warps=NUM_WARPS)
+    inputs, sizes, flags = _kernel_args(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, y, states, cfg, cfg.block_d_fwd, cfg.seg_chunks_fwd)
     with torch.cuda.device_of(u):  # Triton launches on the current device and stream, not the tensors'
         carry = None
         if n_seg > 1:
@@ -495,12 +504,9 @@ def triton_scan_bwd(gy, states, u, delta, A, B, C, D=None, delta_bias=None, delt
     dD = torch.empty((batch * n_seg, n_ch), dtype=f32, device=dev) if D is not None else dA
     dbias = torch.empty((batch * n_seg, n_ch), dtype=f32, device=dev) if delta_bias is not None else dA
     kernel = _scan_bwd_kernel[(batch, triton.cdiv(n_ch, cfg.block_d_bwd), n_seg)]
-    inputs = (u, delta, A, B, C, A if D is None else D, A if delta_bias is None else delta_bias, gy, states)
+    inputs, sizes, flags = _kernel_args(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, gy, states, cfg, cfg.block_d_bwd, cfg.seg_chunks_bwd)
     outputs = (du, ddelta, dA, dB, dC, dD, dbias)
-    sizes = (n_ch, seqlen, n_state, cfg.seg_chunks_bwd,
-             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *gy.stride())
-    flags = dict(HAS_SKIP=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-                 BLOCK_D=cfg.block_d_bwd, BLOCK_L=cfg.block_l, BLOCK_N=cfg.block_n, num_warps=NUM_WARPS)
     with torch.cuda.device_of(u):  # Triton launches on the current device and stream, not the tensors'
         carry = None
         if n_seg > 1:
