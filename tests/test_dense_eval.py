@@ -3,6 +3,7 @@
 Expected numbers are worked out by hand from the definitions (mmseg's IoUMetric, COCO AP), not by our code.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as pycocotools_mask  # the `coco` extra, part of the test extra
 
 from mambavision.dense.evaluate import (
-    ade20k_samples, coco_evaluate, coco_results, intersect_and_union, load_coco, read_ade20k_label,
+    COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_results, intersect_and_union, load_coco, read_ade20k_label,
     segmentation_metrics,
 )
 
@@ -188,3 +189,13 @@ def test_mask_ap_takes_object_areas_from_the_masks(tmp_path):
     metrics = _evaluate(write_coco(tmp_path / 'gt.json', objects), {1: detections})
     assert metrics['segm']['APs'] == pytest.approx(0.5)
     assert metrics['bbox']['APs'] == pytest.approx(1.0)
+
+
+def test_shipped_class_names_and_palettes_are_the_published_ones():
+    from mambavision.dense import classes
+    published = json.loads((Path(__file__).parent / 'fixtures' / 'dense' / 'dataset_meta.json').read_text())
+    for dataset, names, palette, count in (('ade20k', classes.ADE20K_CLASSES, classes.ADE20K_PALETTE, 150),
+                                           ('coco', classes.COCO_CLASSES, classes.COCO_PALETTE, 80)):
+        assert list(names) == published[dataset]['classes'] and len(names) == count
+        assert [list(c) for c in palette] == published[dataset]['palette']
+    assert len(COCO_CATEGORY_IDS) == 80 and COCO_CATEGORY_IDS[-1] == 90
