@@ -20,9 +20,10 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file
+from timm.layers import LayerScale
 
 import mambavision
-from mambavision import checkpoint_filter_fn
+from mambavision import MambaVisionMixer, checkpoint_filter_fn
 
 # The tests run small ops, where intra-op threads cost more than they give; on a shared, loaded CPU
 # two threads made the suite ~10x slower (OpenMP waits), one thread runs it at full speed.
@@ -75,6 +76,30 @@ class TinyFixture:
         model = self.create_model(**kwargs)
         model.load_state_dict(checkpoint_filter_fn(self.state_dict, model))
         return model
+
+
+@torch.no_grad()
+def scan_visible_(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights under which every part shows in the output, the scan's recurrence included; in place.
+
+    With the default init the mixer's skip (D * x) drowns the scan: a model-level check with a wrong
+    scan would pass. Here the projections into and out of the scan are of unit gain, the step sizes and
+    decays spread (A_log perturbed), D is small, layer scales (B, L variants: 1e-5) are 1, and the
+    norms have statistics.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+        elif isinstance(m, MambaVisionMixer):
+            for proj in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj):
+                proj.weight.normal_(0, proj.in_features ** -0.5)
+            m.dt_proj.bias.uniform_(-2, 0)
+            m.A_log.add_(torch.randn_like(m.A_log))
+            m.D.uniform_(-0.1, 0.1)
+        elif isinstance(m, LayerScale):
+            m.gamma.fill_(1.)
+    return model
 
 
 @lru_cache(maxsize=None)

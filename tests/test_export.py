@@ -7,12 +7,11 @@ import onnx
 import pytest
 import timm
 import torch
-from timm.layers import LayerScale
 
 import mambavision  # noqa: F401
+from conftest import scan_visible_
 from mambavision.cli import main
 from mambavision.export import INPUT_NAME, export_onnx, max_onnx_difference, onnx_session
-from mambavision.model import MambaVisionMixer
 
 scan_module = importlib.import_module('mambavision.ops.selective_scan')  # the package exports the function by that name
 
@@ -20,29 +19,9 @@ REL_TOL = 1e-4
 
 
 def _model(name='test_mambavision', **kwargs):
-    """Random weights under which every part shows in the output, the scan's recurrence included.
-
-    With the default init the mixer's skip (D * x) drowns the scan: an export with a wrong scan
-    would pass. Here the projections into and out of the scan are of unit gain, the step sizes and
-    decays spread (A_log perturbed), D is small, layer scales (B, L variants: 1e-5) are 1, and the
-    norms have statistics.
-    """
+    """``name`` in eval mode with weights under which the scan's recurrence shows (``scan_visible_``)."""
     torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-            elif isinstance(m, MambaVisionMixer):
-                for proj in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj):
-                    proj.weight.normal_(0, proj.in_features ** -0.5)
-                m.dt_proj.bias.uniform_(-2, 0)
-                m.A_log.add_(torch.randn_like(m.A_log))
-                m.D.uniform_(-0.1, 0.1)
-            elif isinstance(m, LayerScale):
-                m.gamma.fill_(1.)
-    return model
+    return scan_visible_(timm.create_model(name, **kwargs).eval())
 
 
 def _rel_difference(session, model, shape):
