@@ -5,7 +5,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['unknown_name_error', 'read_published_file']
+__all__ = ['unknown_name_error', 'published_file', 'read_published_file']
 
 _VARIANT_BY_DIM = {80: 'MambaVision-T', 96: 'MambaVision-S', 128: 'MambaVision-B', 196: 'MambaVision-L',
                    256: 'MambaVision-L3'}
