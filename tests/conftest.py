@@ -16,6 +16,7 @@ os.environ.pop('HF_HUB_CACHE', None)
 os.environ['MAMBAVISION_CACHE'] = tempfile.mkdtemp(prefix='mambavision-tests-cache-')
 atexit.register(shutil.rmtree, os.environ['MAMBAVISION_CACHE'], True)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -29,7 +30,9 @@ from mambavision import MambaVisionMixer, checkpoint_filter_fn
 # two threads made the suite ~10x slower (OpenMP waits), one thread runs it at full speed.
 torch.set_num_threads(1)
 
-FIXTURES = Path(__file__).parent / 'fixtures'
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / 'tests' / 'fixtures'
+DENSE_FIXTURES = FIXTURES / 'dense'  # the published detection and segmentation code's golden files
 TINY_FIXTURES = ('official_tiny_a', 'official_tiny_b')
 
 # published model entry (official_state_dict_keys.json) -> our registered architecture
@@ -136,3 +139,46 @@ def _default_scan_backend(monkeypatch):
     mambavision.set_scan_backend(None)
     yield
     mambavision.set_scan_backend(None)
+
+
+# COCO annotations and detections of boxes, shared by the evaluation and command-line tests
+
+CATEGORY_IDS = [1, 3, 7]  # not contiguous: label i is the i-th smallest id
+
+
+def _box_mask(box, height, width):
+    """(H, W) bool mask of an x, y, w, h box with integer corners."""
+    x, y, w, h = box
+    mask = np.zeros((height, width), bool)
+    mask[y:y + h, x:x + w] = True
+    return mask
+
+
+def write_coco(path, objects, size=(120, 160)):
+    """An instances json: ``objects`` is [(image_id, category_id, [x, y, w, h])]; masks are the boxes, as RLE."""
+    from pycocotools import mask as pycocotools_mask  # the `coco` extra, part of the test extra
+
+    height, width = size
+    annotations = []
+    for i, (image_id, category_id, box) in enumerate(objects, 1):
+        rle = pycocotools_mask.encode(np.asfortranarray(_box_mask(box, height, width).astype(np.uint8)))
+        annotations.append(dict(id=i, image_id=image_id, category_id=category_id, bbox=box, area=box[2] * box[3],
+                                iscrowd=0, segmentation=dict(size=rle['size'], counts=rle['counts'].decode())))
+    images = sorted({o[0] for o in objects})
+    path.write_text(json.dumps(dict(
+        images=[dict(id=i, file_name=f'{i}.png', height=height, width=width) for i in images],
+        annotations=annotations,
+        categories=[dict(id=c, name=f'class{c}') for c in CATEGORY_IDS])))
+    return str(path)
+
+
+def detections_of(objects, size=(120, 160)):
+    """Per image id, detections in the model's output form: labels 0.., x1 y1 x2 y2 boxes, bool masks."""
+    by_image = {}
+    for image_id, category_id, box in objects:
+        by_image.setdefault(image_id, []).append((CATEGORY_IDS.index(category_id), box))
+    return {image_id: dict(
+        boxes=torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in found], dtype=torch.float32),
+        scores=torch.linspace(0.9, 0.5, len(found)), labels=torch.tensor([label for label, _ in found]),
+        masks=torch.from_numpy(np.stack([_box_mask(box, *size) for _, box in found])))
+        for image_id, found in by_image.items()}

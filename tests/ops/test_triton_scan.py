@@ -25,7 +25,7 @@ import torch
 
 pytest.importorskip('triton')
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 if str(REPO) not in sys.path:  # the worker runs this file as a script
     sys.path.insert(0, str(REPO))
 

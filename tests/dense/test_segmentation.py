@@ -18,7 +18,7 @@ from mambavision.export import INPUT_NAME, export_onnx, onnx_session
 from mambavision.model import create_dense_backbone
 from mambavision.weights import rename_published_keys_
 
-FIXTURES = Path(__file__).parent / 'fixtures' / 'dense'
+from conftest import DENSE_FIXTURES as FIXTURES
 REL_TOL = 1e-5
 # the published ADE20K models, by their entry in downstream_state_dict_keys.json
 PUBLISHED = {

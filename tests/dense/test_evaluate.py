@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from pycocotools import mask as pycocotools_mask  # the `coco` extra, part of the test extra
+from conftest import CATEGORY_IDS, DENSE_FIXTURES, detections_of, write_coco
 
 from mambavision.dense.evaluate import (
     COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_results, intersect_and_union, load_coco, read_ade20k_label,
@@ -78,45 +79,6 @@ def test_ade20k_reader(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # COCO
 
-CATEGORY_IDS = [1, 3, 7]  # not contiguous: label i is the i-th smallest id
-
-
-def _box_mask(box, height, width):
-    """(H, W) bool mask of an x, y, w, h box with integer corners."""
-    x, y, w, h = box
-    mask = np.zeros((height, width), bool)
-    mask[y:y + h, x:x + w] = True
-    return mask
-
-
-def write_coco(path, objects, size=(120, 160)):
-    """An instances json: ``objects`` is [(image_id, category_id, [x, y, w, h])]; masks are the boxes, as RLE."""
-    height, width = size
-    annotations = []
-    for i, (image_id, category_id, box) in enumerate(objects, 1):
-        rle = pycocotools_mask.encode(np.asfortranarray(_box_mask(box, height, width).astype(np.uint8)))
-        annotations.append(dict(id=i, image_id=image_id, category_id=category_id, bbox=box, area=box[2] * box[3],
-                                iscrowd=0, segmentation=dict(size=rle['size'], counts=rle['counts'].decode())))
-    images = sorted({o[0] for o in objects})
-    path.write_text(json.dumps(dict(
-        images=[dict(id=i, file_name=f'{i}.png', height=height, width=width) for i in images],
-        annotations=annotations,
-        categories=[dict(id=c, name=f'class{c}') for c in CATEGORY_IDS])))
-    return str(path)
-
-
-def detections_of(objects, size=(120, 160)):
-    """Per image id, detections in the model's output form: labels 0.., x1 y1 x2 y2 boxes, bool masks."""
-    by_image = {}
-    for image_id, category_id, box in objects:
-        by_image.setdefault(image_id, []).append((CATEGORY_IDS.index(category_id), box))
-    return {image_id: dict(
-        boxes=torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in found], dtype=torch.float32),
-        scores=torch.linspace(0.9, 0.5, len(found)), labels=torch.tensor([label for label, _ in found]),
-        masks=torch.from_numpy(np.stack([_box_mask(box, *size) for _, box in found])))
-        for image_id, found in by_image.items()}
-
-
 OBJECTS = [(1, 1, [10, 10, 20, 20]), (1, 7, [40, 30, 60, 50]), (2, 3, [0, 0, 100, 110]), (2, 1, [5, 60, 40, 12])]
 
 
@@ -170,9 +132,10 @@ def test_no_detections_give_ap_0(tmp_path):
 
 
 def test_missing_pycocotools_names_the_extra(monkeypatch, tmp_path):
+    annotations = write_coco(tmp_path / 'gt.json', OBJECTS)
     monkeypatch.setitem(__import__('sys').modules, 'pycocotools', None)
     with pytest.raises(ImportError, match=r"^COCO evaluation needs pycocotools: pip install 'mambavision\[coco\]'$"):
-        load_coco(write_coco(tmp_path / 'gt.json', OBJECTS))
+        load_coco(annotations)
 
 
 def test_mask_ap_takes_object_areas_from_the_masks(tmp_path):
@@ -193,7 +156,7 @@ def test_mask_ap_takes_object_areas_from_the_masks(tmp_path):
 
 def test_shipped_class_names_and_palettes_are_the_published_ones():
     from mambavision.dense import classes
-    published = json.loads((Path(__file__).parent / 'fixtures' / 'dense' / 'dataset_meta.json').read_text())
+    published = json.loads((DENSE_FIXTURES / 'dataset_meta.json').read_text())
     for dataset, names, palette, count in (('ade20k', classes.ADE20K_CLASSES, classes.ADE20K_PALETTE, 150),
                                            ('coco', classes.COCO_CLASSES, classes.COCO_PALETTE, 80)):
         assert list(names) == published[dataset]['classes'] and len(names) == count

@@ -22,7 +22,7 @@ from mambavision.dense.segmentation import UPerNet, create_segmenter
 from mambavision.dense.visualize import draw_detections, segmentation_overlay
 from mambavision.model import create_dense_backbone
 
-from test_dense_eval import CATEGORY_IDS, detections_of, write_coco
+from conftest import CATEGORY_IDS, detections_of, write_coco
 
 # pycocotools' mask.decode warns under numpy 2 (its own code); the decoded masks are right
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
@@ -31,7 +31,7 @@ SEG_CLASSES = ['sky', 'tree', 'road']
 SEG_PALETTE = [[70, 130, 180], [0, 200, 0], [128, 64, 128]]
 DET_CLASSES = [f'class{c}' for c in CATEGORY_IDS]
 DET_PALETTE = [[220, 20, 60], [0, 0, 142], [250, 170, 30]]
-FIXTURES = Path(__file__).parent / 'fixtures' / 'dense'
+from conftest import DENSE_FIXTURES as FIXTURES
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from mambavision.dense import detection
 from mambavision.dense.detection import CascadeMaskRCNN, create_detector, list_detectors
 from mambavision.weights import rename_published_keys_
 
-FIXTURES = Path(__file__).parent / 'fixtures' / 'dense'
+from conftest import DENSE_FIXTURES as FIXTURES
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,7 @@ import torch
 
 from mambavision.ops import get_scan_backend, set_scan_backend
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 SCRIPT = REPO / 'benchmarks' / 'gpu.py'
 
 
