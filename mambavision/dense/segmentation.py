@@ -23,8 +23,8 @@ from ..model import create_dense_backbone
 from ..weights import load_state_dict_strict
 from . import published_file, read_published_file, unknown_name_error
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-from .detection import ConvModule
 from .image import as_rgb_images, normalize, resize_keep_ratio
+from .layers import ConvModule
 
 __all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'create_segmenter', 'list_segmenters']
 
@@ -112,12 +112,12 @@ class UPerHead(_SegHead):
 class FCNHead(_SegHead):
     """mmseg's FCNHead as the published auxiliary head: one 3x3 conv-BN-ReLU, no input concat.
 
-    (B, in_chs, H, W) -> (B, num_classes, H, W).
+    (B, in_channels, H, W) -> (B, num_classes, H, W).
     """
 
-    def __init__(self, in_chs: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
+    def __init__(self, in_channels: int, channels: int = 256, num_classes: int = 150, dropout: float = 0.1):
         super().__init__(channels, num_classes, dropout)
-        self.convs = nn.Sequential(ConvModule(in_chs, channels, 3, norm=True))
+        self.convs = nn.Sequential(ConvModule(in_channels, channels, 3, norm=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls_seg(self.convs(x))
