@@ -302,8 +302,8 @@ def test_segment_with_a_tiny_upernet_gives_the_published_label_map(tmp_path, use
 def test_detect_with_a_tiny_cascade_writes_what_predict_finds(tmp_path, use_stub, capsys):
     """The JSON holds every detection of ``predict`` (threshold 0), in COCO form."""
     tensors, state_dict = _fixture('cascade_tiny')
-    model = CascadeMaskRCNN('test_mambavision', (8, 8, 32, 16), channels=32, fc_channels=64, test_scale=(333, 200),
-                            backbone_kwargs=TINY_BACKBONE)
+    model = CascadeMaskRCNN(create_dense_backbone('test_mambavision', (8, 8, 32, 16), **TINY_BACKBONE), channels=32,
+                            fc_channels=64, test_scale=(333, 200))
     model.load_state_dict(state_dict)
     use_stub('create_detector', model)
     Image.fromarray(tensors['image_rgb'].numpy()).save(tmp_path / 'scene.png')

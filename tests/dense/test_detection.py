@@ -1,6 +1,5 @@
 """Cascade Mask R-CNN: exact against mmdet's golden fixture, published names, predict contract, bad input."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import mambavision.weights
-from mambavision.dense import detection
+from mambavision.dense import boxes as box_ops
 from mambavision.dense.detection import CascadeMaskRCNN, create_detector, list_detectors
+from mambavision.model import create_dense_backbone
 from mambavision.weights import rename_published_keys_
 
 from conftest import DENSE_FIXTURES as FIXTURES
@@ -23,9 +23,9 @@ def fixture():
 def tiny_detector(**kwargs) -> CascadeMaskRCNN:
     """The fixture's architecture: a tiny backbone, 32-wide heads, 64-wide box fc."""
     cfg = json.loads((FIXTURES / 'cascade_tiny.json').read_text())['model']['backbone']
-    backbone_kwargs = {k: cfg[k] for k in ('dim', 'in_dim', 'depths', 'num_heads')}
-    kwargs = dict(dict(channels=32, fc_channels=64, test_scale=(333, 200), backbone_kwargs=backbone_kwargs), **kwargs)
-    return CascadeMaskRCNN('test_mambavision', cfg['window_size'], **kwargs).eval()
+    backbone = create_dense_backbone('test_mambavision', cfg['window_size'],
+                                     **{k: cfg[k] for k in ('dim', 'in_dim', 'depths', 'num_heads')})
+    return CascadeMaskRCNN(backbone, **dict(dict(channels=32, fc_channels=64, test_scale=(333, 200)), **kwargs)).eval()
 
 
 @pytest.fixture(scope='module')
@@ -46,16 +46,12 @@ def confident_tiny():
     return model
 
 
-def fixture_meta(config):
-    return [tuple(config['img_shape'])], [tuple(config['scale_factor'])]
-
-
 def test_network_input_matches_fixture(fixture, published_tiny):
     tensors, config = fixture
-    x, scale_factor = published_tiny.preprocess(tensors['image_rgb'].numpy())
+    x, scale_factor = published_tiny.transform.preprocess(tensors['image_rgb'].numpy())
     assert tuple(x.shape[1:]) == tuple(config['img_shape'])
     assert scale_factor == pytest.approx(config['scale_factor'])
-    batch = published_tiny.pad_batch([x])
+    batch = published_tiny.transform.pad_batch([x])
     assert batch.shape == tensors['network_input'].shape
     torch.testing.assert_close(batch, tensors['network_input'], atol=1e-5, rtol=0)
 
@@ -64,8 +60,8 @@ def test_rpn_proposals_match_fixture(fixture, published_tiny):
     """Same proposals and scores; proposals whose scores tie exactly (saturated sigmoids of random
     weights) come out of the sorts in an implementation-defined order, so they are compared as sets."""
     tensors, config = fixture
-    image_sizes, _ = fixture_meta(config)
-    feats = published_tiny.extract_feat(tensors['network_input'])
+    image_sizes = [tuple(config['img_shape'])]
+    feats = published_tiny.extract_features(tensors['network_input'])
     boxes, scores = published_tiny.rpn_head.predict(feats, image_sizes)[0]
     expected_boxes, expected_scores = tensors['proposals'], tensors['proposal_scores']
     assert boxes.shape == expected_boxes.shape
@@ -80,10 +76,10 @@ def test_rpn_proposals_match_fixture(fixture, published_tiny):
 def test_cascade_heads_match_fixture(fixture, published_tiny):
     """From the network input and the fixture's proposals: mmdet's boxes, scores, labels and masks."""
     tensors, config = fixture
-    image_sizes, scale_factors = fixture_meta(config)
-    feats = published_tiny.extract_feat(tensors['network_input'])
-    original_sizes = [tuple(tensors['image_rgb'].shape[:2])]
-    out = published_tiny.roi_head.predict(feats, [tensors['proposals']], image_sizes, original_sizes, scale_factors)[0]
+    image_sizes, original_sizes = [tuple(config['img_shape'])], [tuple(tensors['image_rgb'].shape[:2])]
+    feats = published_tiny.extract_features(tensors['network_input'])
+    detections = published_tiny.roi_head.predict(feats, [tensors['proposals']], image_sizes)
+    out = published_tiny.transform.postprocess(detections, image_sizes, original_sizes)[0]
     assert out['boxes'].shape == tensors['boxes'].shape
     torch.testing.assert_close(out['boxes'], tensors['boxes'], atol=2e-3, rtol=0)  # measured 4.1e-4
     torch.testing.assert_close(out['scores'], tensors['scores'], atol=1e-4, rtol=0)  # measured 3.3e-5
@@ -198,7 +194,8 @@ def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch, na
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     calls = []
-    monkeypatch.setattr(mambavision.weights, 'download_weights', lambda repo, file: calls.append((repo, file)) or str(path))
+    monkeypatch.setattr(mambavision.weights, 'download_weights',
+                        lambda repo, file: calls.append((repo, file)) or str(path))
     create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=True, **SMALL_T)
     repo = 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco'
     assert calls == [(repo, repo.split('/')[1] + '.pth')]
@@ -225,9 +222,9 @@ def test_batched_nms_follows_mmcv_beyond_its_split_threshold():
     xy = torch.rand(12000, 2) * 500
     boxes = torch.cat([xy, xy + 5 + torch.rand(12000, 2) * 50], dim=1)
     scores, groups = torch.rand(12000), torch.randint(0, 80, (12000,))
-    keep = detection.batched_nms(boxes, scores, groups, 0.5)
+    keep = box_ops.batched_nms(boxes, scores, groups, 0.5)
     per_group = torch.cat([
         torch.nonzero(groups == g).squeeze(1)[
-            detection.nms(boxes[groups == g], scores[groups == g], 0.5)] for g in range(80)])
+            box_ops.nms(boxes[groups == g], scores[groups == g], 0.5)] for g in range(80)])
     assert set(keep.tolist()) == set(per_group.tolist())
     assert (scores[keep][:-1] >= scores[keep][1:]).all()
