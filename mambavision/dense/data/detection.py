@@ -66,10 +66,10 @@ def _resize_masks(masks: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     cv2 = _cv2()
     height, width = size
     out = np.empty((len(masks), height, width), np.uint8)
-    for start in range(0, len(masks), 512):  # OpenCV takes at most 512 channels; nearest is per channel
-        chunk = np.ascontiguousarray(masks[start:start + 512].transpose(1, 2, 0))
+    for start in range(0, len(masks), 128):  # OpenCV 5 takes at most 128 channels; nearest is per channel
+        chunk = np.ascontiguousarray(masks[start:start + 128].transpose(1, 2, 0))
         resized = cv2.resize(chunk, (width, height), interpolation=cv2.INTER_NEAREST)
-        out[start:start + 512] = resized.reshape(height, width, -1).transpose(2, 0, 1)
+        out[start:start + 128] = resized.reshape(height, width, -1).transpose(2, 0, 1)
     return out
 
 
