@@ -16,6 +16,7 @@ from mambavision.dense.data import (
     read_yolo_detection, resize,
 )
 from mambavision.dense.data.detection import _resize_masks
+from mambavision.dense.evaluate import coco_evaluate, coco_results
 from mambavision.dense.image import normalize
 
 from conftest import DENSE_FIXTURES
@@ -302,6 +303,7 @@ def test_yolo_boxes(tmp_path, layout):
     assert target['labels'].tolist() == [0, 1]
     val = detection_dataset(root, 'val', pipeline=None)
     assert len(val) == 1 and val[0][1]['boxes'].tolist() == [[20., 12.5, 60., 37.5]]
+    assert [a['bbox'] for a in val.coco_ground_truth().anns.values()] == [[20., 12.5, 40., 25.]]
 
 
 def test_yolo_polygons_are_masks(tmp_path):
@@ -337,3 +339,26 @@ def test_yolo_split_not_found_is_named(tmp_path):
     root = _yolo(tmp_path, {'train': {'a': ''}})
     with pytest.raises(FileNotFoundError, match="no image folder for split 'val'"):
         read_yolo_detection(root, 'val')
+
+
+def test_yolo_ground_truth_evaluates_with_coco_tools(tmp_path):
+    root = _yolo(tmp_path, {'val': {'a': '1 0.1 0.2 0.5 0.2 0.5 0.8 0.1 0.8\n0 0.6 0.1 0.9 0.1 0.9 0.5\n',
+                                    'b': '0 0.2 0.2 0.6 0.2 0.4 0.9\n'}})
+    dataset = read_yolo_detection(root, 'val', pipeline=None)
+    coco = dataset.coco_ground_truth()
+    assert sorted(coco.getCatIds()) == [0, 1] and len(coco.anns) == 3
+    results = []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        detections = dict(boxes=target['boxes'], labels=target['labels'], masks=target['masks'],
+                          scores=torch.ones(len(target['labels'])))
+        results += coco_results([detections], [target['image_id']], dataset.category_ids)
+    assert coco_evaluate(coco, results, 'bbox')['AP'] == pytest.approx(1.0)
+    assert coco_evaluate(coco, results, 'segm')['AP'] == pytest.approx(1.0)
+
+
+def test_coco_ground_truth_is_the_annotation_file(golden, tmp_path):
+    root = _write_golden_coco(golden, tmp_path)
+    with pytest.warns(UserWarning):
+        dataset = read_coco_detection(str(root / 'train.json'), str(root / 'train'), train=False)
+    assert len(dataset.coco_ground_truth().anns) == 10  # crowd objects too, for COCOeval

@@ -14,6 +14,8 @@ annotations or smaller than 32 px are dropped (``filter_empty_gt``, ``min_size=3
 Every random choice of ``DetectionTrainPipeline`` is drawn from the ``numpy.random.Generator`` it is called
 with; ``DetectionDataset`` seeds one per sample from (seed, epoch, index), so a run resumes exactly.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -197,12 +199,14 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Images with boxes (and masks) -> ``(image, target)`` through ``pipeline(image, target, rng)``.
 
     ``class_names[label]`` names a label and ``category_ids[label]`` is its id in the annotation file (what
-    COCO results are written with). The generator of item ``index`` is seeded from (seed, epoch, index):
-    call ``set_epoch`` before each epoch (it reaches DataLoader workers that are started per epoch).
+    COCO results are written with, ``evaluate.coco_results``); ``coco_ground_truth()`` is what they are
+    evaluated against. The generator of item ``index`` is seeded from (seed, epoch, index): call
+    ``set_epoch`` before each epoch (it reaches DataLoader workers that are started per epoch).
     """
 
     def __init__(self, records: Sequence[ImageRecord], class_names: Sequence[str], category_ids: Sequence[int],
-                 with_masks: bool, pipeline=None, seed: int = 0):
+                 with_masks: bool, pipeline=None, seed: int = 0, annotation_file: Optional[str] = None):
+        self.annotation_file = annotation_file
         self.records = list(records)
         self.class_names = tuple(class_names)
         self.category_ids = tuple(int(i) for i in category_ids)
@@ -245,6 +249,33 @@ class DetectionDataset(torch.utils.data.Dataset):
         out.update(image_size=tuple(image.shape[:2]), image_id=record.image_id,
                    orig_size=(record.height, record.width), scale_factor=tuple(target['scale_factor']))
         return normalize(image), out
+
+    def coco_ground_truth(self):
+        """A pycocotools ``COCO`` of the ground truth for ``evaluate.coco_evaluate``: the annotation file itself
+        for COCO data (crowd objects and every image included, as mmdet evaluates), else one built from the
+        records (YOLO data: every object; ``area`` of the mask, or of the box for boxes-only data)."""
+        from ..evaluate import import_pycocotools, load_coco
+        if self.annotation_file is not None:
+            return load_coco(self.annotation_file)
+        annotations = []
+        for record in self.records:
+            for i, ((x1, y1, x2, y2), label) in enumerate(zip(record.boxes.tolist(), record.labels.tolist())):
+                annotation = dict(id=len(annotations) + 1, image_id=record.image_id, iscrowd=0,
+                                  category_id=self.category_ids[label], bbox=[x1, y1, x2 - x1, y2 - y1],
+                                  area=(x2 - x1) * (y2 - y1))
+                if self.with_masks:
+                    annotation['segmentation'] = record.segmentations[i]
+                    mask = decode_masks(record.segmentations[i:i + 1], record.height, record.width)
+                    annotation['area'] = float(mask.sum())
+                annotations.append(annotation)
+        coco = import_pycocotools()[0]()
+        coco.dataset = dict(
+            images=[dict(id=r.image_id, file_name=r.path, height=r.height, width=r.width) for r in self.records],
+            annotations=annotations, categories=[dict(id=c, name=n) for c, n in zip(self.category_ids,
+                                                                                    self.class_names)])
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
 
 
 def collate(batch: Sequence[Tuple[torch.Tensor, Dict[str, object]]]
@@ -396,7 +427,7 @@ def read_coco_detection(annotation_file: str, images_dir: str, train: bool = Tru
     if train:
         records = _keep_for_training(records, [r.image_id in annotated for r in records])
     return DetectionDataset(records, [categories[c] for c in category_ids], category_ids, with_masks,
-                            _default_pipeline(pipeline, train), seed)
+                            _default_pipeline(pipeline, train), seed, annotation_file)
 
 
 def _record(image_id, path, height, width, objects, with_masks) -> ImageRecord:
