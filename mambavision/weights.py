@@ -8,7 +8,9 @@ message hub and scheduler states, in torch's zip or legacy format), plain state 
 (``model.`` prefix). Pickles are read with ``weights_only=True``: besides tensors and
 containers, only the harmless classes in ``SAFE_GLOBALS`` are built, and the objects of
 the modules in ``INERT_MODULES`` (mmengine's bookkeeping, numpy scalars) are replaced by
-an inert stand-in without importing anything. Any other class or function is refused.
+an inert stand-in without importing anything; ``getattr`` on such a stand-in (how pickle
+protocol 2 writes a method, e.g. the ``statistics_methods`` of mmengine's ``HistoryBuffer``)
+gives another stand-in. Any other class or function, and ``getattr`` on anything else, is refused.
 """
 import argparse
 import dataclasses
@@ -33,6 +35,7 @@ SAFE_GLOBALS = [argparse.Namespace]
 # besides the weights: message hub buffers, numpy scalars and arrays, config objects)
 INERT_MODULES = ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'numpy')
 _MAX_INERT_NAMES = 256
+_REFUSED = 'not allowed in a weight file'
 
 # published name pattern -> our name (applied in order, first match wins)
 _RENAMES = [
@@ -101,7 +104,10 @@ def _read_error(e: Exception) -> str:
     text = str(e)
     match = re.search(r'GLOBAL ([\w.]+)', text)
     if match:
-        return f'it holds {match[1]} which is not allowed in a weight file'
+        return f'it holds {match[1]} which is {_REFUSED}'
+    call = re.search(r'\[refused (getattr\(.*\))\]|call reduce for unrecognized function (\S+)', text)
+    if call:
+        return f'it calls {call[1] or call[2]} which is {_REFUSED}'
     unpickler = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', text)
     detail = unpickler[1] if unpickler else text.strip().split('\n')[0].split('. ')[0] or type(e).__name__
     return f'it is truncated, corrupt or not a weight file ({detail})'
@@ -123,12 +129,22 @@ class Inert:
         return 'Inert()'
 
 
+def _inert_getattr(obj, name):
+    """``getattr`` as a checkpoint calls it: on an ``Inert`` stand-in (class or object) another stand-in, never a
+    real attribute; on anything else refused (a real object's attributes lead to modules and code)."""
+    if obj is Inert or isinstance(obj, Inert):
+        return Inert()
+    raise pickle.UnpicklingError(f'[refused getattr({type(obj).__name__}, {str(name)[:40]!r})]')
+
+
 def _load_pickle(path: str):
-    """``torch.load(weights_only=True)``, with each global of ``INERT_MODULES`` it meets mapped to ``Inert``."""
+    """``torch.load(weights_only=True)``, with each global of ``INERT_MODULES`` it meets mapped to ``Inert``,
+    and ``getattr`` to ``_inert_getattr``."""
     inert = []
     while True:
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS + [(Inert, name) for name in inert]):
+            allowed = SAFE_GLOBALS + [(_inert_getattr, 'builtins.getattr')] + [(Inert, name) for name in inert]
+            with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location='cpu', weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as e:
             match = re.search(r'GLOBAL ([\w.]+)', str(e))

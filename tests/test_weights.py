@@ -2,10 +2,15 @@
 import argparse
 import json
 import os
+import pickle
+import pickletools
 import socket
+import sys
 import time
+import types
 
 import huggingface_hub
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +19,9 @@ from timm.models._manipulate import adapt_input_conv
 
 import mambavision.weights
 from mambavision import checkpoint_filter_fn, read_state_dict
+from mambavision.dense.detection import create_detector
+from mambavision.dense.segmentation import create_segmenter
+from mambavision.weights import read_checkpoint
 
 from conftest import FIXTURES
 
@@ -205,6 +213,163 @@ def test_other_input_channels_adapt_first_conv(tiny_a, in_chans, tmp_path):
     assert torch.equal(model.stem.conv1.weight, adapt_input_conv(in_chans, conv))
     assert torch.equal(model.stem.conv2.weight, tiny_a.state_dict['patch_embed.conv_down.3.weight'])
     assert model(torch.randn(1, in_chans, 40, 40)).shape == (1, tiny_a.arch['num_classes'])
+
+
+# --- checkpoints as mmengine 0.10.7's runner writes them (pickle protocol 2, as torch.save) ---
+
+HISTORY_BUFFER_MODULE = 'mmengine.logging.history_buffer'
+
+
+class HistoryBuffer:
+    """Stands in for mmengine's ``HistoryBuffer`` (0.10.7) and pickles as it does: its ``__getstate__`` adds
+    ``statistics_methods``, its methods, which protocol 2 writes as ``builtins.getattr(HistoryBuffer, 'min')``."""
+    _statistics_methods: dict = {}
+
+    def __init__(self, log_history=(), count_history=(), max_length=1000000):
+        self.max_length = max_length
+        for name in ('min', 'max', 'current', 'mean'):
+            self._statistics_methods.setdefault(name, getattr(HistoryBuffer, name))
+        self._log_history = np.array(log_history)
+        self._count_history = np.array(count_history)
+
+    def mean(self):
+        return self._log_history.sum() / self._count_history.sum()
+
+    def max(self):
+        return self._log_history.max()
+
+    def min(self):
+        return self._log_history.min()
+
+    def current(self):
+        return self._log_history[-1]
+
+    def __getstate__(self):
+        self.__dict__.update(statistics_methods=self._statistics_methods)
+        return self.__dict__
+
+
+for _obj in (HistoryBuffer, *vars(HistoryBuffer).values()):
+    if callable(_obj):
+        _obj.__module__ = HISTORY_BUFFER_MODULE
+
+
+@pytest.fixture
+def mmengine_names(monkeypatch):
+    """``HistoryBuffer`` importable under mmengine's module name while pickling, as in a training run."""
+    names = HISTORY_BUFFER_MODULE.split('.')
+    for i in range(1, len(names) + 1):
+        monkeypatch.setitem(sys.modules, '.'.join(names[:i]), types.ModuleType('.'.join(names[:i])))
+    monkeypatch.setattr(sys.modules[HISTORY_BUFFER_MODULE], 'HistoryBuffer', HistoryBuffer, raising=False)
+
+
+def runner_checkpoint(state_dict: dict) -> dict:
+    """What mmengine's ``Runner.save_checkpoint`` writes: meta, weights, message hub, optimizer, schedulers."""
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param], lr=1e-4)
+    param.sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2)
+    meta = dict(epoch=1, iter=4, cfg="model = dict(type='CascadeRCNN')\n", seed=0, experiment_name='x',
+                time='20261206_220018', mmengine_version='0.10.7', dataset_meta=dict(classes=('a', 'b')))
+    scalars = {name: HistoryBuffer([value] * 2, [1] * 2) for name, value in (('train/lr', 1e-4), ('train/loss', .14))}
+    return dict(
+        meta=meta, state_dict=state_dict,
+        message_hub=dict(log_scalars=scalars, runtime_info=dict(meta, iter=np.int64(4)), resumed_keys=dict(iter=True)),
+        optimizer=optimizer.state_dict(), param_schedulers=[scheduler.state_dict()])
+
+
+def save_runner_checkpoint(checkpoint: dict, path, zip_format: bool) -> str:
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=zip_format)
+    return str(path)
+
+
+def test_runner_checkpoint_holds_getattr_of_history_buffer(mmengine_names):
+    """The stand-in pickles as the runner's file does (the failure this reader once had)."""
+    data = pickle.dumps(HistoryBuffer([1.5], [1]), protocol=2)
+    globals_ = [arg for op, arg, _ in pickletools.genops(data) if op.name == 'GLOBAL']
+    assert globals_[0] == f'{HISTORY_BUFFER_MODULE} HistoryBuffer' and globals_.count('__builtin__ getattr') == 1
+    assert data.count(b'h\x00X') == 4  # getattr(<memoised HistoryBuffer>, name), once per statistics method
+
+
+ZIP_FORMATS = pytest.mark.parametrize('zip_format', [True, False], ids=['zip', 'legacy'])
+
+
+@ZIP_FORMATS
+def test_runner_checkpoint_loads(tiny_a, mmengine_names, zip_format, tmp_path):
+    path = save_runner_checkpoint(runner_checkpoint(dict(tiny_a.state_dict)), tmp_path / 'epoch_1.pth', zip_format)
+    checkpoint = read_checkpoint(path)
+    assert list(checkpoint) == ['meta', 'state_dict', 'message_hub', 'optimizer', 'param_schedulers']
+    assert checkpoint['meta']['dataset_meta'] == dict(classes=('a', 'b'))
+    assert all(isinstance(b, mambavision.weights.Inert) for b in checkpoint['message_hub']['log_scalars'].values())
+    weights = read_state_dict(path)
+    assert weights.keys() == tiny_a.state_dict.keys()
+    assert all(torch.equal(weights[k], v) for k, v in tiny_a.state_dict.items())
+    _assert_fixture_logits(_create(tiny_a, path), tiny_a)  # timm's pretrained_cfg_overlay file
+
+
+def _tiny_backbone():
+    return dict(backbone_kwargs=dict(dim=16, in_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)))
+
+
+@ZIP_FORMATS
+@pytest.mark.parametrize('create, name, kwargs', [
+    (create_segmenter, 'upernet_mambavision_t.nv_ade20k', dict(channels=16, aux_channels=8, num_classes=5)),
+    (create_detector, 'cascade_mask_rcnn_mambavision_t.nv_coco', dict(channels=16, fc_channels=16, num_classes=3)),
+], ids=['segmenter', 'detector'])
+def test_runner_checkpoint_loads_into_dense_models(mmengine_names, create, name, kwargs, zip_format, tmp_path):
+    torch.manual_seed(0)
+    source = create(name, **_tiny_backbone(), **kwargs)
+    path = save_runner_checkpoint(runner_checkpoint(source.state_dict()), tmp_path / 'iter_4.pth', zip_format)
+    loaded = create(name, checkpoint_path=path, **_tiny_backbone(), **kwargs)
+    for (key, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+class _Call:
+    """Pickles as ``func(*args)``: a plain unpickler would run it."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __call__(self, *args):  # pickle wants a callable; only the unpickler's call would matter
+        raise AssertionError('never called')
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _getattr_payload(start, marker):
+    """``start.__globals__.get('os').system('touch marker')`` as a chain of ``getattr`` and calls."""
+    module_globals = _Call(getattr, _Call(getattr, start, '__globals__'), 'get')
+    return _Call(_Call(getattr, _Call(module_globals, 'os'), 'system'), f'touch {marker}')
+
+
+GETATTR_PAYLOADS = {  # each, unpickled for real, creates the marker file
+    'getattr chain from a torch function to os': lambda m: _getattr_payload(torch._utils._rebuild_tensor_v2, m),
+    'getattr(builtins, eval)': lambda marker: _Call(
+        _Call(getattr, _Call(getattr, getattr, '__self__'), 'eval'), f'open({str(marker)!r}, "w")'),
+    'getattr chain from HistoryBuffer to os': lambda marker: _getattr_payload(HistoryBuffer.__init__, marker),
+}
+
+
+@ZIP_FORMATS
+@pytest.mark.parametrize('payload', list(GETATTR_PAYLOADS))
+def test_getattr_beyond_inert_stand_ins_is_refused_without_running(
+        tiny_a, mmengine_names, payload, zip_format, tmp_path):
+    marker = tmp_path / 'payload_ran'
+    checkpoint = runner_checkpoint(dict(tiny_a.state_dict))
+    checkpoint['message_hub']['runtime_info']['hook'] = GETATTR_PAYLOADS[payload](marker)
+    path = save_runner_checkpoint(checkpoint, tmp_path / 'evil.pth', zip_format)
+    for load in (lambda: read_checkpoint(path), lambda: _create(tiny_a, path),
+                 lambda: create_segmenter('upernet_mambavision_t.nv_ade20k', checkpoint_path=path, **_tiny_backbone())):
+        with pytest.raises(RuntimeError) as info:
+            load()
+        message = str(info.value)
+        assert 'evil.pth' in message and 'not allowed' in message and '\n' not in message, message
+        assert not marker.exists(), 'the pickle payload ran'
+    torch.load(path, weights_only=False)  # the payload is real: a reader that honours getattr runs it
+    assert marker.exists()
 
 
 # --- the Hugging Face hub path, on the real mambavision_t registration (never touching the network) ---
