@@ -1,14 +1,19 @@
 """Training and validation built from timm's components and ``torch.distributed``.
 
-``mambavision train`` runs one process on a CPU or GPU, or one process per GPU under
+``train`` (``mambavision train`` on the command line) runs one process on a CPU or GPU, or one process per GPU under
 ``torchrun`` (DDP on NCCL, or gloo on CPUs; several nodes through torchrun's rendezvous).
 timm supplies the data pipeline (datasets, train/eval transforms, RandAugment,
 Mixup/CutMix, label smoothing), the optimizer factory, the cosine schedule with
 warm-up, the weight EMA, and the loss scaler.
 
 A run is described by a YAML config (``configs/*.yaml``) whose ``data`` and ``train``
-keys are also command-line options of the same name (``--warmup-epochs`` sets
-``train.warmup_epochs``); the command line wins. Per epoch, rank 0 appends one JSON row
+keys (``OPTIONS``) are also command-line options of the same name (``--warmup-epochs`` sets
+``train.warmup_epochs``); the command line wins. ``train`` and ``validate`` take the run's
+options as an ``argparse.Namespace`` (or any object with the same attributes): the config keys
+above plus ``model``, ``config``, ``data_dir``, ``dataset``, ``train_split``/``val_split``, ``img_size``,
+``num_classes``, ``amp``, ``device``, ``workers``, ``seed``, ``output``, ``resume``, ``pretrained``,
+``pretrained_file``, ``grad_checkpointing``, ``sync_bn`` (validate: ``checkpoint``, ``ema``,
+``batch_size``). Per epoch, rank 0 appends one JSON row
 to ``OUT/metrics.jsonl`` and writes ``OUT/last.pth.tar`` (and ``OUT/best.pth.tar`` on a new
 best validation top-1) atomically. A checkpoint holds the raw weights (``state_dict``),
 the EMA weights (``state_dict_ema``), optimizer, scheduler and loss-scaler state, the
@@ -24,6 +29,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -41,13 +47,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, random_seed
 
-from .cli import amp_autocast
+from .runtime import amp_autocast, init_distributed, resolve_device
 from .weights import checkpoint_filter_fn, load_pretrained_file, read_checkpoint
 
-__all__ = [
-    'add_arguments_train', 'run_train', 'add_arguments_validate', 'run_validate', 'resolve_config',
-    'load_checkpoint', 'save_checkpoint',
-]
+__all__ = ['OPTIONS', 'train', 'validate', 'resolve_config', 'load_config', 'load_checkpoint', 'save_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -84,65 +87,6 @@ OPTIONS = {
     },
 }
 CONFIG_KEYS = ('model', 'architecture', 'weights', 'data', 'train')
-
-
-def _option(key: str) -> str:
-    return '--' + key.replace('_', '-')
-
-
-def _add_config_options(parser: argparse.ArgumentParser, sections):
-    for section in sections:
-        group = parser.add_argument_group(f'{section} (override the config\'s {section} section)')
-        for key, spec in OPTIONS[section].items():
-            spec = dict(spec)
-            default = spec.pop('default', None)
-            spec['help'] += f' (default: {"from the model" if section == "data" else default})'
-            group.add_argument(_option(key), dest=key, default=None, **spec)
-
-
-def _add_common(parser: argparse.ArgumentParser):
-    parser.add_argument('--data-dir', required=True, help='dataset root (ImageFolder: DIR/train/<class>/*, DIR/val/<class>/*); '
-                                                          'validate also takes DIR/<class>/*')
-    parser.add_argument('--dataset', default='', help="timm dataset spec, e.g. 'torch/cifar10' ('' = image folders)")
-    parser.add_argument('--val-split', default='validation', help='validation split (folder name or synonym)')
-    parser.add_argument('--img-size', type=int, help='square input size, shortcut for --input-size 3 S S')
-    parser.add_argument('--num-classes', type=int, help='classifier size (default: from the data or checkpoint)')
-    parser.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision (fp16 uses loss scaling)')
-    parser.add_argument('--device', help="'cpu', 'cuda' (default: cuda when available; torchrun: one GPU per rank)")
-    parser.add_argument('--workers', type=int, default=4, help='data-loading processes per rank (default: 4)')
-
-
-def add_arguments_train(parser: argparse.ArgumentParser):
-    """Options of ``mambavision train``."""
-    parser.add_argument('--config', help='YAML config (configs/*.yaml); options given here override it')
-    parser.add_argument('--model', help='timm model name, e.g. mambavision_t or mambavision_t.nv_in1k')
-    _add_common(parser)
-    parser.add_argument('--train-split', default='train', help='training split (folder name or synonym)')
-    parser.add_argument('--pretrained', action='store_true', help='start from the published weights')
-    parser.add_argument('--pretrained-file', help='local weight file for --pretrained (instead of the hub)')
-    parser.add_argument('--grad-checkpointing', action='store_true', help='recompute activations to save memory')
-    parser.add_argument('--sync-bn', action='store_true', help='synchronise BatchNorm statistics across GPUs')
-    parser.add_argument('--output', help='output folder (default: output/<model>-<time>)')
-    parser.add_argument('--resume', help='continue from this checkpoint (e.g. OUT/last.pth.tar)')
-    parser.add_argument('--seed', type=int, default=42, help='random seed (each rank adds its rank)')
-    _add_config_options(parser, ('data', 'train'))
-
-
-def add_arguments_validate(parser: argparse.ArgumentParser):
-    """Options of ``mambavision validate``."""
-    parser.add_argument('--model', required=True, help='timm model name, e.g. mambavision_t.nv_in1k')
-    parser.add_argument('--task', choices=('cls', 'seg', 'det'), default='cls',
-                        help='cls: image folders (default); seg: a segmenter on ADE20K (--data-dir '
-                             'ADEChallengeData2016); det: a detector on COCO (--data-dir images, --annotations)')
-    parser.add_argument('--annotations', help='--task det: the COCO instances json')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--checkpoint', help='weight file: a training checkpoint of ours or a published one')
-    source.add_argument('--pretrained', action='store_true', help="the model's published weights")
-    parser.add_argument('--ema', action='store_true', help="use a training checkpoint's EMA weights")
-    _add_common(parser)
-    parser.add_argument('--batch-size', type=int, default=64, help='images per process and step')
-    parser.add_argument('--results-file', help='also write the results (JSON) here')
-    _add_config_options(parser, ('data',))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,19 +134,6 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # distributed
-
-def _init_distributed(device: Optional[str]) -> Tuple[torch.device, int, int]:
-    """Join the torchrun process group if there is one: (device, rank, world size)."""
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if device.startswith('cuda'):
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-        return torch.device(device), dist.get_rank(), dist.get_world_size()
-    return torch.device(device), 0, 1
-
 
 def _all_sum(values, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64, device=device)
@@ -400,30 +331,48 @@ def evaluate(model, loader, device, amp, rank, desc='val') -> Dict[str, float]:
                 samples=int(totals[3].item()))
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """``mambavision train``: train or fine-tune, single-process or under torchrun."""
+def train(args: argparse.Namespace) -> int:
+    """Train or fine-tune, in one process or in each process of a torchrun launch (see the module docstring)."""
     config = resolve_config(args)
-    train_cfg = config['train']
-    output = args.output or os.path.join('output', f'{split_model_name_tag(config["model"])[0]}-{time.strftime("%Y%m%d-%H%M%S")}')
+    output = args.output or os.path.join(
+        'output', f'{split_model_name_tag(config["model"])[0]}-{time.strftime("%Y%m%d-%H%M%S")}')
     if not args.resume and os.path.exists(os.path.join(output, 'last.pth.tar')):
         raise FileExistsError(f'{output} already holds a run; pass --resume {output}/last.pth.tar or another --output')
-    if args.sync_bn and not (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda'):
+    if args.sync_bn and resolve_device(args.device).type != 'cuda':
         raise ValueError('--sync-bn needs CUDA GPUs')
-    device, rank, world = _init_distributed(args.device)
+    device, rank, world = init_distributed(args.device)
     try:
         _setup_logging(rank)
-        return _train(args, config, train_cfg, output, device, rank, world)
+        checkpoint = _training_checkpoint(args.resume, config['model']) if args.resume else None  # fails before the data
+        run = _build_run(args, config, device)
+        start_epoch, best_top1 = _resume(run, checkpoint, args.resume) if checkpoint else (0, -1.)
+        _train_epochs(run, args, output, start_epoch, best_top1, rank, world)
+        return 0
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, config, train_cfg, output, device, rank, world) -> int:
-    ckpt = load_checkpoint(args.resume, config['model']) if args.resume else None
-    if ckpt is not None and not all(k in ckpt for k in ('epoch', 'optimizer', 'scheduler', 'state_dict')):
-        raise ValueError(f'{args.resume} is not a training checkpoint of ours (no optimizer state); '
-                         f'use --pretrained --pretrained-file to start from its weights')
-    random_seed(args.seed, rank)
+@dataclass
+class _Run:
+    """What a training run is made of, built once before the first epoch."""
+    config: Dict[str, Any]
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    num_epochs: int
+    scaler: Optional[NativeScaler]
+    ema: Optional[ModelEmaV3]
+    loss_fn: nn.Module
+    train_loader: Any
+    val_loader: Any
+    device: torch.device
+
+
+def _build_run(args, config, device) -> _Run:
+    """Data, model, optimizer, schedule, loss scaler, EMA and loss of a run; ``config`` gains the class names."""
+    train_cfg = config['train']
+    random_seed(args.seed, dist.get_rank() if dist.is_initialized() else 0)
     train_ds = _dataset(args, args.train_split, is_training=True)
     val_ds = _dataset(args, args.val_split, is_training=False)
     _check_classes(train_ds, val_ds, args.val_split)
@@ -444,13 +393,15 @@ def _train(args, config, train_cfg, output, device, rank, world) -> int:
     model.to(device)
     if args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = create_optimizer_v2(model, opt=train_cfg['opt'], lr=train_cfg['lr'], weight_decay=train_cfg['weight_decay'])
+    optimizer = create_optimizer_v2(
+        model, opt=train_cfg['opt'], lr=train_cfg['lr'], weight_decay=train_cfg['weight_decay'])
     scaler = NativeScaler(device=device.type) if args.amp == 'fp16' else None
     ema = ModelEmaV3(model, decay=train_cfg['model_ema_decay']) if train_cfg['model_ema_decay'] else None
 
     mixup_active = train_cfg['mixup'] > 0 or train_cfg['cutmix'] > 0
     if mixup_active and train_cfg['batch_size'] % 2:
-        raise ValueError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, got {train_cfg["batch_size"]}')
+        raise ValueError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, '
+                         f'got {train_cfg["batch_size"]}')
     collate = FastCollateMixup(
         mixup_alpha=train_cfg['mixup'], cutmix_alpha=train_cfg['cutmix'], label_smoothing=train_cfg['smoothing'],
         num_classes=num_classes) if mixup_active else None
@@ -462,104 +413,105 @@ def _train(args, config, train_cfg, output, device, rank, world) -> int:
         optimizer, sched='cosine', num_epochs=train_cfg['epochs'], warmup_epochs=train_cfg['warmup_epochs'],
         warmup_lr=train_cfg['warmup_lr'], min_lr=train_cfg['min_lr'], cooldown_epochs=train_cfg['cooldown_epochs'],
         step_on_epochs=False, updates_per_epoch=len(train_loader))
+    if mixup_active:
+        loss_fn = SoftTargetCrossEntropy()
+    elif train_cfg['smoothing']:
+        loss_fn = LabelSmoothingCrossEntropy(train_cfg['smoothing'])
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    return _Run(config, model, optimizer, scheduler, num_epochs, scaler, ema, loss_fn, train_loader, val_loader,
+                device)
 
-    start_epoch, best_top1 = 0, -1.
-    if ckpt is not None:
-        _unwrap(model).load_state_dict(ckpt['state_dict'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt['scheduler'] != scheduler.state_dict():  # the schedule follows the command line
-            _logger.warning(f'the schedule differs from the one {args.resume} was trained with (epochs, lr, warm-up '
-                            f'or updates per epoch changed): following this command')
-        if scaler is not None and ckpt.get('scaler'):
-            scaler.load_state_dict(ckpt['scaler'])
-        if ema is not None and ckpt.get('state_dict_ema'):
-            ema.module.load_state_dict(ckpt['state_dict_ema'])
-        start_epoch, best_top1 = ckpt['epoch'] + 1, ckpt.get('best_top1', -1.)
-        _logger.info(f'resumed from {args.resume}: epoch {ckpt["epoch"]} done, continuing at epoch {start_epoch}')
-    num_updates = start_epoch * len(train_loader)
-    scheduler.step_update(num_updates)
 
+def _training_checkpoint(path: str, model_name: str) -> Dict[str, Any]:
+    checkpoint = load_checkpoint(path, model_name)
+    if not all(k in checkpoint for k in ('epoch', 'optimizer', 'scheduler', 'state_dict')):
+        raise ValueError(f'{path} is not a training checkpoint of ours (no optimizer state); '
+                         f'use --pretrained --pretrained-file to start from its weights')
+    return checkpoint
+
+
+def _resume(run: _Run, ckpt: Dict[str, Any], path: str) -> Tuple[int, float]:
+    """Restore weights, optimizer, scaler and EMA from ``ckpt`` (read from ``path``): (first epoch, best top-1)."""
+    run.model.load_state_dict(ckpt['state_dict'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt['scheduler'] != run.scheduler.state_dict():  # the schedule follows the command line
+        _logger.warning(f'the schedule differs from the one {path} was trained with (epochs, lr, warm-up '
+                        f'or updates per epoch changed): following this command')
+    if run.scaler is not None and ckpt.get('scaler'):
+        run.scaler.load_state_dict(ckpt['scaler'])
+    if run.ema is not None and ckpt.get('state_dict_ema'):
+        run.ema.module.load_state_dict(ckpt['state_dict_ema'])
+    start_epoch = ckpt['epoch'] + 1
+    _logger.info(f'resumed from {path}: epoch {ckpt["epoch"]} done, continuing at epoch {start_epoch}')
+    return start_epoch, ckpt.get('best_top1', -1.)
+
+
+def _train_epochs(run: _Run, args, output: str, start_epoch: int, best_top1: float, rank: int, world: int):
+    """The epochs ``start_epoch``.. of the schedule: train, evaluate, log, save."""
+    config, train_cfg, device = run.config, run.config['train'], run.device
+    num_updates = start_epoch * len(run.train_loader)
+    run.scheduler.step_update(num_updates)
+    model = run.model
     if dist.is_initialized():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if mixup_active:
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif train_cfg['smoothing']:
-        train_loss_fn = LabelSmoothingCrossEntropy(train_cfg['smoothing'])
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
     if rank == 0:
         os.makedirs(output, exist_ok=True)
-        _logger.info(f'training {config["model"]} on {world} process(es) ({device.type}), {len(train_ds)} images, '
-                     f'{num_classes} classes, epochs {start_epoch}..{num_epochs - 1}, output {output}')
-
-    for epoch in range(start_epoch, num_epochs):
-        if hasattr(train_loader.sampler, 'set_epoch'):
-            train_loader.sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]['lr']
+        _logger.info(f'training {config["model"]} on {world} process(es) ({device.type}), '
+                     f'{len(run.train_loader.dataset)} images, {config["num_classes"]} classes, '
+                     f'epochs {start_epoch}..{run.num_epochs - 1}, output {output}')
+    for epoch in range(start_epoch, run.num_epochs):
+        if hasattr(run.train_loader.sampler, 'set_epoch'):
+            run.train_loader.sampler.set_epoch(epoch)
+        lr = run.optimizer.param_groups[0]['lr']
         stats, num_updates = train_one_epoch(
-            epoch, model, train_loader, optimizer, train_loss_fn, scheduler, ema, scaler, train_cfg['clip_grad'],
-            args.amp, device, rank, num_updates)
+            epoch, model, run.train_loader, run.optimizer, run.loss_fn, run.scheduler, run.ema, run.scaler,
+            train_cfg['clip_grad'], args.amp, device, rank, num_updates)
         per_rank = torch.zeros(world)
         per_rank[rank] = stats['samples']
         loss_sum, per_rank = _all_sum([stats['loss_sum']], device).item(), _all_sum(per_rank, device)
         train_loss = loss_sum / per_rank.sum().item()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f'training loss is {train_loss} in epoch {epoch}; try a lower --lr or --amp bf16')
-        metrics = evaluate(model, val_loader, device, args.amp, rank)
+        metrics = evaluate(model, run.val_loader, device, args.amp, rank)
         row = dict(
             epoch=epoch, train_loss=train_loss, val_loss=metrics['loss'], top1=metrics['top1'], top5=metrics['top5'],
             lr=lr, images_per_s=per_rank.sum().item() / stats['seconds'], world_size=world,
             samples_per_rank=[int(n) for n in per_rank.tolist()])
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, device, args.amp, rank, desc='val ema')
+        if run.ema is not None:
+            ema_metrics = evaluate(run.ema.module, run.val_loader, device, args.amp, rank, desc='val ema')
             row.update(ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'], ema_val_loss=ema_metrics['loss'])
-        scheduler.step(epoch + 1)
+        run.scheduler.step(epoch + 1)
         if rank == 0:
             is_best = row['top1'] > best_top1
             best_top1 = max(best_top1, row['top1'])
-            state = dict(
-                arch=config['model'], epoch=epoch, state_dict=_unwrap(model).state_dict(),
-                state_dict_ema=ema.module.state_dict() if ema is not None else None,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                config=config, metrics=row, best_top1=best_top1)
-            save_checkpoint(state, os.path.join(output, 'last.pth.tar'))
-            if is_best:
-                save_checkpoint(state, os.path.join(output, 'best.pth.tar'))
-            with open(os.path.join(output, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(row) + '\n')
-            _logger.info(
-                f'epoch {epoch}: train loss {train_loss:.4f}, val loss {row["val_loss"]:.4f}, top-1 {row["top1"]:.2f}, '
-                f'top-5 {row["top5"]:.2f}, lr {lr:.3g}, {row["images_per_s"]:.1f} img/s')
-    return 0
+            _save(run, output, epoch, row, best_top1, is_best)
+
+
+def _save(run: _Run, output: str, epoch: int, row: Dict[str, Any], best_top1: float, is_best: bool):
+    """``last.pth.tar`` (and ``best.pth.tar`` on a new best top-1) and a row of ``metrics.jsonl`` in ``output``."""
+    state = dict(
+        arch=run.config['model'], epoch=epoch, state_dict=run.model.state_dict(),
+        state_dict_ema=run.ema.module.state_dict() if run.ema is not None else None,
+        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler is not None else None,
+        config=run.config, metrics=row, best_top1=best_top1)
+    save_checkpoint(state, os.path.join(output, 'last.pth.tar'))
+    if is_best:
+        save_checkpoint(state, os.path.join(output, 'best.pth.tar'))
+    with open(os.path.join(output, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    _logger.info(
+        f'epoch {epoch}: train loss {row["train_loss"]:.4f}, val loss {row["val_loss"]:.4f}, '
+        f'top-1 {row["top1"]:.2f}, top-5 {row["top5"]:.2f}, lr {row["lr"]:.3g}, {row["images_per_s"]:.1f} img/s')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # validate
 
-def run_validate(args: argparse.Namespace) -> int:
-    """``mambavision validate``: loss, top-1, top-5 with the model's own eval preprocessing."""
-    device, rank, world = _init_distributed(args.device)
-    try:
-        _setup_logging(rank)
-        if args.task == 'cls':
-            results = _validate(args, device, rank)
-        else:
-            from .dense.cli import validate_dense
-            results = validate_dense(args, device)
-        if rank == 0:
-            text = json.dumps(results, indent=2)
-            print(text)
-            if args.results_file:
-                with open(args.results_file, 'w') as f:
-                    f.write(text + '\n')
-        return 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _validate(args, device, rank) -> Dict[str, Any]:
+def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> Dict[str, Any]:
+    """Loss, top-1 and top-5 of a checkpoint (``args.checkpoint``) or the published weights with the model's own
+    eval preprocessing, on the validation split (summed over the ranks of a torchrun launch)."""
     config = resolve_config(args)
     ds = _dataset(args, args.val_split, is_training=False)
     if args.pretrained:

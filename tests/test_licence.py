@@ -8,7 +8,7 @@ import timm
 import torch
 
 import mambavision  # noqa: F401
-from mambavision import cli
+from mambavision import cli, factory
 
 WEIGHTS_LICENCE = 'cc-by-nc-sa-4.0'
 
@@ -20,7 +20,7 @@ def test_every_published_weight_has_the_weights_licence():
 
 @pytest.fixture
 def stub_complexity(monkeypatch):
-    monkeypatch.setattr(cli, 'model_complexity', lambda name: (10 ** 6, 10 ** 9))  # counting is tested in test_cli
+    monkeypatch.setattr(factory, 'model_complexity', lambda name: (10 ** 6, 10 ** 9))  # counting is tested in test_cli
 
 
 def test_info_states_the_licences(stub_complexity, capsys):

@@ -19,7 +19,7 @@ import copy
 import io
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 __all__ = [
     'COCO_CATEGORY_IDS', 'intersect_and_union', 'segmentation_metrics', 'ade20k_samples', 'read_ade20k_label',
     'import_pycocotools', 'load_coco', 'coco_image_paths', 'coco_results', 'coco_evaluate',
+    'evaluate_segmenter', 'evaluate_detector',
 ]
 
 IGNORE_INDEX = 255
@@ -184,3 +185,51 @@ def coco_evaluate(coco, results: Sequence[dict], iou_type: str) -> Dict[str, flo
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(value) for name, value in zip(AP_NAMES, evaluator.stats[:6])}
+
+
+# ---------------------------------------------------------------------------------------------
+# a model over a dataset
+
+
+def _predict_file(model, path: str, autocast, **options) -> dict:
+    from .image import read_image_file
+
+    with torch.inference_mode(), autocast():
+        return model.predict(read_image_file(path), **options)[0]
+
+
+def evaluate_segmenter(
+        model, samples: Sequence[Tuple[str, str]], read_label: Callable[[str], np.ndarray] = read_ade20k_label,
+        autocast=contextlib.nullcontext, progress: Callable[[Iterable], Iterable] = iter) -> Dict[str, object]:
+    """aAcc, mIoU, mAcc (percent) and per-class IoU / Acc of a segmenter on (image file, label file) pairs.
+
+    Each image runs through ``model.predict`` (the published test protocol); labels are read with
+    ``read_label`` (ADE20K's reduce-zero-label reading by default). ``autocast`` makes the context of
+    each forward, ``progress`` wraps the loop (a progress bar).
+    """
+    areas = torch.zeros(4, len(model.class_names), dtype=torch.int64)
+    for image_path, label_path in progress(samples):
+        label = torch.from_numpy(read_label(label_path))
+        pred = _predict_file(model, image_path, autocast, return_logits=False)['labels'].cpu()
+        if pred.shape != label.shape:
+            raise ValueError(f'{label_path} is {tuple(label.shape)}, its image {image_path} {tuple(pred.shape)}')
+        areas += intersect_and_union(pred, label, len(model.class_names))
+    return dict(images=len(samples), **segmentation_metrics(areas, model.class_names))
+
+
+def evaluate_detector(model, coco, image_paths: Dict[int, str], autocast=contextlib.nullcontext,
+                      progress: Callable[[Iterable], Iterable] = iter) -> Dict[str, object]:
+    """COCO box and mask AP of a detector on the images of ``coco`` (image id -> file, ``coco_image_paths``).
+
+    Label i of the model is the i-th smallest category id of ``coco``; both must count the same classes.
+    """
+    category_ids = sorted(coco.getCatIds())
+    if len(category_ids) != len(model.class_names):
+        raise ValueError(f'the annotations have {len(category_ids)} categories, the model {len(model.class_names)} '
+                         f'classes')
+    results = []
+    for image_id, path in progress(image_paths.items()):
+        detections = {k: v.cpu() for k, v in _predict_file(model, path, autocast).items()}
+        results += coco_results([detections], [image_id], category_ids)
+    return dict(images=len(image_paths), detections=len(results),
+                bbox=coco_evaluate(coco, results, 'bbox'), segm=coco_evaluate(coco, results, 'segm'))

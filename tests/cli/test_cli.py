@@ -14,8 +14,8 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 
 import mambavision
-from mambavision import cli
-from mambavision.cli import main
+from mambavision import factory
+from mambavision.cli import COMMANDS, main
 
 ROOT = Path(mambavision.__file__).resolve().parents[1]
 TOPK_LINE = re.compile(r'^  (\d+)\.\s+([\d.]+)%  (.+) \((\d+)\)$')
@@ -77,7 +77,7 @@ def test_entry_point_info_json():
 
 def test_info_text(capsys, monkeypatch):
     """The table lists every model; counting itself is checked above, here it is stubbed to keep this fast."""
-    monkeypatch.setattr(cli, 'model_complexity', lambda name: (len(name) * 10 ** 6, 10 ** 9))
+    monkeypatch.setattr(factory, 'model_complexity', lambda name: (len(name) * 10 ** 6, 10 ** 9))
     assert main(['info']) == 0
     out = capsys.readouterr().out
     assert out.startswith(f'mambavision {mambavision.__version__}  (python ')
@@ -203,7 +203,7 @@ def test_command_table_imports_lazily(tmp_path, monkeypatch, capsys):
         '    print("hello", args.name)\n'
         '    return 3\n')
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(cli.COMMANDS, 'hello', ('mv_hello_cmd', 'say hello'))
+    monkeypatch.setitem(COMMANDS, 'hello', ('mv_hello_cmd', 'say hello'))
     monkeypatch.delitem(sys.modules, 'mv_hello_cmd', raising=False)
 
     assert main(['--help']) == 0

@@ -16,13 +16,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..cli import CliError, _one_line, _open_image, _resolve_device, amp_autocast
-from .evaluate import (
-    COCO_CATEGORY_IDS, ade20k_samples, coco_evaluate, coco_image_paths, coco_results, intersect_and_union,
-    load_coco, read_ade20k_label, segmentation_metrics,
+from mambavision.dense.evaluate import (
+    COCO_CATEGORY_IDS, ade20k_samples, coco_image_paths, coco_results, evaluate_detector, evaluate_segmenter, load_coco,
 )
-from .image import as_rgb_images, read_image_file
-from .visualize import class_shares, draw_detections, format_share, label_map_image, segmentation_overlay
+from mambavision.dense.image import as_rgb_images
+from mambavision.dense.visualize import class_shares, draw_detections, format_share, label_map_image, segmentation_overlay
+from mambavision.images import open_image
+from mambavision.runtime import UserError, amp_autocast, one_line, resolve_device
 
 __all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
 
@@ -32,19 +32,19 @@ DEFAULT_DETECTOR = 'cascade_mask_rcnn_mambavision_t.nv_coco'
 
 def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: Optional[torch.device] = None):
     """The segmenter ('seg') or detector ('det') ``name`` with a local ``checkpoint`` or the published weights,
-    in eval mode on ``device``; every failure is a one-line ``CliError``."""
+    in eval mode on ``device``; every failure is a one-line ``UserError``."""
     import mambavision
 
     factory = mambavision.create_segmenter if task == 'seg' else mambavision.create_detector
     if checkpoint and not os.path.isfile(checkpoint):
-        raise CliError(f'checkpoint not found: {checkpoint}')
+        raise UserError(f'checkpoint not found: {checkpoint}')
     try:
         model = factory(name, pretrained=not checkpoint, checkpoint_path=checkpoint)
     except ValueError as e:  # unknown name (with close names), bad option
-        raise CliError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     except (RuntimeError, OSError) as e:  # no download (offline), unreadable or mismatched weight file
         hint = '' if checkpoint else ' (--checkpoint FILE runs a local copy of the published file)'
-        raise CliError(f'{_one_line(e)}{hint}') from None
+        raise UserError(f'{one_line(e)}{hint}') from None
     return model.eval().to(device or 'cpu')
 
 
@@ -61,7 +61,7 @@ def _read_images(paths: List[str]) -> Dict[str, str]:
     """Output stem of each image path (its file stem, made unique); every image is checked to be readable."""
     stems = {}
     for path in paths:
-        _open_image(path, decode=False)
+        open_image(path, decode=False)
         stem = Path(path).stem
         stems[path] = stem if stem not in stems.values() else f'{stem}_{len(stems)}'
     return stems
@@ -80,7 +80,7 @@ def add_arguments_segment(parser: argparse.ArgumentParser):
 
 def run_segment(args) -> int:
     stems = _read_images(args.images)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model = create_dense_model('seg', args.model, args.checkpoint, device)
     os.makedirs(args.output, exist_ok=True)
     for path, stem in stems.items():
@@ -103,7 +103,7 @@ def add_arguments_detect(parser: argparse.ArgumentParser):
 
 def run_detect(args) -> int:
     stems = _read_images(args.images)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model = create_dense_model('det', args.model, args.checkpoint, device)
     # label -> COCO category id for the 80 COCO classes, else label + 1
     category_ids = COCO_CATEGORY_IDS if len(model.class_names) == len(COCO_CATEGORY_IDS) else \
@@ -127,20 +127,22 @@ def run_detect(args) -> int:
 # mambavision validate --task seg | det
 
 
-def _progress(iterable, desc: str, total: int):
+def _progress(desc: str):
     from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=None, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    return lambda iterable: tqdm(iterable, desc=desc, total=len(iterable), disable=None, dynamic_ncols=True,
+                                 leave=False, file=sys.stderr)
 
 
 def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     """``mambavision validate --task seg`` (ADE20K: aAcc, mIoU, mAcc) or ``--task det`` (COCO: box and mask AP)."""
     if torch.distributed.is_initialized():
-        raise CliError(f'--task {args.task} runs in one process: start it without torchrun')
+        raise UserError(f'--task {args.task} runs in one process: start it without torchrun')
     if args.ema:
-        raise CliError(f'--ema applies to classification training checkpoints, not to --task {args.task}')
+        raise UserError(f'--ema applies to classification training checkpoints, not to --task {args.task}')
     if args.task == 'det' and not args.annotations:
-        raise CliError('--task det needs --annotations FILE, the COCO instances json '
-                       '(e.g. annotations/instances_val2017.json)')
+        raise UserError('--task det needs --annotations FILE, the COCO instances json '
+                        '(e.g. annotations/instances_val2017.json)')
     try:  # the data is checked before the model is built
         if args.task == 'seg':
             samples = ade20k_samples(args.data_dir, args.val_split)
@@ -149,33 +151,13 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
             split_dir = Path(args.data_dir) / Path(args.annotations).stem.removeprefix('instances_')
             image_paths = coco_image_paths(coco, str(split_dir if split_dir.is_dir() else args.data_dir))
     except (FileNotFoundError, ImportError, ValueError) as e:
-        raise CliError(_one_line(e)) from None
+        raise UserError(one_line(e)) from None
     model = create_dense_model(args.task, args.model, args.checkpoint, device)
     header = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', task=args.task)
-
-    options = dict(return_logits=False) if args.task == 'seg' else {}
-
-    def predict(path):
-        with torch.inference_mode(), amp_autocast(device.type, args.amp):
-            return model.predict(read_image_file(path), **options)[0]
-
-    if args.task == 'seg':
-        areas = torch.zeros(4, len(model.class_names), dtype=torch.int64)
-        for image_path, label_path in _progress(samples, 'validate seg', len(samples)):
-            label = torch.from_numpy(read_ade20k_label(label_path))
-            pred = predict(image_path)['labels'].cpu()
-            if pred.shape != label.shape:
-                raise CliError(f'{label_path} is {tuple(label.shape)}, its image {image_path} {tuple(pred.shape)}')
-            areas += intersect_and_union(pred, label, len(model.class_names))
-        return dict(header, images=len(samples), **segmentation_metrics(areas, model.class_names))
-
-    category_ids = sorted(coco.getCatIds())
-    if len(category_ids) != len(model.class_names):
-        raise CliError(f'{args.annotations} has {len(category_ids)} categories, '
-                       f'the model {len(model.class_names)} classes')
-    results = []
-    for image_id, path in _progress(image_paths.items(), 'validate det', len(image_paths)):
-        detections = {k: v.cpu() for k, v in predict(path).items()}
-        results += coco_results([detections], [image_id], category_ids)
-    return dict(header, images=len(image_paths), detections=len(results),
-                bbox=coco_evaluate(coco, results, 'bbox'), segm=coco_evaluate(coco, results, 'segm'))
+    options = dict(autocast=lambda: amp_autocast(device.type, args.amp), progress=_progress(f'validate {args.task}'))
+    try:
+        if args.task == 'seg':
+            return dict(header, **evaluate_segmenter(model, samples, **options))
+        return dict(header, **evaluate_detector(model, coco, image_paths, **options))
+    except ValueError as e:  # a label of another size than its image, another class count than the model's
+        raise UserError(f'{args.annotations or args.data_dir}: {one_line(e)}') from None
