@@ -12,10 +12,9 @@ import torch
 from pycocotools import mask as mask_api
 
 from mambavision.dense.data import (
-    DetectionTrainPipeline, collate, crop, decode_masks, detection_dataset, hflip, read_coco_detection,
-    read_yolo_detection, resize,
+    DetectionTrainPipeline, collate_detection, detection_dataset, read_coco_detection, read_yolo_detection,
 )
-from mambavision.dense.data.detection import _resize_masks
+from mambavision.dense.data.detection import _resize_masks, crop, decode_masks, hflip, resize
 from mambavision.dense.evaluate import coco_evaluate, coco_results
 from mambavision.dense.image import normalize
 
@@ -181,7 +180,7 @@ def test_coco_boxes_only_items_and_collate(tmp_path):
     torch.testing.assert_close(target['boxes'], torch.tensor([[2., 3., 12., 15.], [20., 5., 28., 35.]]))
     assert target['labels'].tolist() == [0, 1] and target['labels'].dtype == torch.int64
     assert target['image_size'] == target['orig_size'] == (40, 48) and target['image_id'] == 1
-    inputs, targets = collate([dataset[0], dataset[1]])
+    inputs, targets = collate_detection([dataset[0], dataset[1]])
     assert inputs.shape == (2, 3, 96, 64) and [t['image_id'] for t in targets] == [1, 2]
     torch.testing.assert_close(inputs[1, :, :70, :33], dataset[1][0], rtol=0, atol=0)
     assert inputs[0, :, 40:].abs().sum() == 0 and inputs[0, :, :, 48:].abs().sum() == 0
@@ -211,6 +210,13 @@ def test_coco_masks_through_the_pipeline(tmp_path):
     ys, xs = np.nonzero(target['masks'][0].numpy())
     extent = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
     assert (extent - target['boxes'][0]).abs().max() <= 2 * max(target['scale_factor'])  # moved together
+
+
+def test_objects_without_a_mask_in_a_dataset_with_masks_are_left_out(tmp_path):
+    annotations = [_box(1, segmentation=[[2, 3, 12, 3, 12, 15]]), _box(2, 9), _box(3, 9, segmentation=[])]
+    with pytest.warns(UserWarning, match=r'2 objects .* unusable mask .*\(first: annotation 2 of a.png\)'):
+        dataset = read_coco_detection(*_coco(tmp_path, annotations), pipeline=None)
+    assert dataset.with_masks and dataset[0][1]['labels'].tolist() == [0]
 
 
 def test_masks_need_pycocotools_named_in_one_line(monkeypatch):
@@ -345,11 +351,12 @@ def test_yolo_ground_truth_evaluates_with_coco_tools(tmp_path):
     root = _yolo(tmp_path, {'val': {'a': '1 0.1 0.2 0.5 0.2 0.5 0.8 0.1 0.8\n0 0.6 0.1 0.9 0.1 0.9 0.5\n',
                                     'b': '0 0.2 0.2 0.6 0.2 0.4 0.9\n'}})
     dataset = read_yolo_detection(root, 'val', pipeline=None)
-    coco = dataset.coco_ground_truth()
+    coco = dataset.coco
     assert sorted(coco.getCatIds()) == [0, 1] and len(coco.anns) == 3
     results = []
     for index in range(len(dataset)):
         _, target = dataset[index]
+        assert target['image_id'] == dataset.load(index)[1]['image_id'] == index
         detections = dict(boxes=target['boxes'], labels=target['labels'], masks=target['masks'],
                           scores=torch.ones(len(target['labels'])))
         results += coco_results([detections], [target['image_id']], dataset.category_ids)

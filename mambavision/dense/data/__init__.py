@@ -1,8 +1,7 @@
 """Training data of the dense models: datasets, the published training pipelines, batching."""
 from .detection import (
-    CROP_RANGE, CROP_SCALES, TEST_SCALE, TRAIN_SCALES, DetectionDataset, DetectionTestPipeline,
-    DetectionTrainPipeline, ImageRecord, collate, crop, decode_masks, detection_dataset, hflip,
-    read_coco_detection, read_yolo_detection, resize,
+    DetectionDataset, DetectionTestPipeline, DetectionTrainPipeline, collate_detection, detection_dataset,
+    read_coco_detection, read_yolo_detection,
 )
 from .segmentation import (
     SegmentationDataset, SegmentationSplit, SegmentationTrainPipeline, collate_segmentation, read_ade20k,
@@ -10,9 +9,8 @@ from .segmentation import (
 )
 
 __all__ = [
-    'TRAIN_SCALES', 'CROP_SCALES', 'CROP_RANGE', 'TEST_SCALE', 'ImageRecord', 'DetectionDataset',
-    'DetectionTrainPipeline', 'DetectionTestPipeline', 'hflip', 'resize', 'crop', 'collate',
-    'read_coco_detection', 'read_yolo_detection', 'detection_dataset', 'decode_masks',
+    'DetectionDataset', 'DetectionTrainPipeline', 'DetectionTestPipeline', 'collate_detection',
+    'detection_dataset', 'read_coco_detection', 'read_yolo_detection',
     'SegmentationSplit', 'SegmentationDataset', 'SegmentationTrainPipeline', 'collate_segmentation',
     'segmentation_split', 'read_segmentation_folder', 'read_ade20k',
 ]

@@ -4,7 +4,7 @@ A dataset item is ``(image, target)``: ``image`` (3, h, w) float32, normalised w
 std after the pipeline; ``target`` in torchvision's form: ``boxes`` (N, 4) float32 x1 y1 x2 y2 in pixels of
 the transformed image, ``labels`` (N,) int64 from 0, ``masks`` (N, h, w) uint8 (absent for boxes-only data),
 ``image_size`` (h, w), ``image_id``, ``orig_size`` (the file's (h, w)) and ``scale_factor`` (w, h factors of
-the last resize, as mmdet records them). ``collate`` pads a batch with zeros to a multiple of 32.
+the last resize, as mmdet records them). ``collate_detection`` pads a batch with zeros to a multiple of 32.
 
 What mmdet's ``CocoDataset`` and ``LoadAnnotations`` do is done here too: crowd objects (and objects whose
 mask annotation is unusable) are left out of training, objects smaller than 1 px or outside their image are
@@ -15,6 +15,7 @@ Every random choice of ``DetectionTrainPipeline`` is drawn from the ``numpy.rand
 with; ``DetectionDataset`` seeds one per sample from (seed, epoch, index), so a run resumes exactly.
 """
 import contextlib
+import functools
 import io
 import json
 import math
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 
 from ..image import _cv2, normalize, read_image_file, resize_keep_ratio
+from .transforms import IMAGE_EXTENSIONS, image_file_size
 
 __all__ = [
     'TRAIN_SCALES', 'CROP_SCALES', 'CROP_RANGE', 'TEST_SCALE', 'ImageRecord', 'DetectionDataset',
-    'DetectionTrainPipeline', 'DetectionTestPipeline', 'hflip', 'resize', 'crop', 'collate',
+    'DetectionTrainPipeline', 'DetectionTestPipeline', 'hflip', 'resize', 'crop', 'collate_detection',
     'read_coco_detection', 'read_yolo_detection', 'detection_dataset', 'decode_masks',
 ]
 
@@ -41,7 +43,6 @@ CROP_RANGE = (384, 600)  # RandomCrop absolute_range: crop height and width each
 TEST_SCALE = (1333, 800)
 MIN_SIZE = 32  # training images smaller than this (either side) are dropped
 SIZE_DIVISOR = 32  # the batch is padded to a multiple of this
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 Target = Dict[str, object]
 
@@ -155,7 +156,8 @@ class DetectionTestPipeline:
 class ImageRecord:
     """One image's annotations as read from the files (before any transform).
 
-    ``boxes`` (N, 4) float32 x1 y1 x2 y2 in the file's pixels, clipped to the image; ``labels`` (N,) int64;
+    ``boxes`` (N, 4) float32 x1 y1 x2 y2 in the file's pixels, clipped to the image (mmdet clips them at the
+    first resize instead: the same boxes after it, up to float32 rounding); ``labels`` (N,) int64;
     ``segmentations`` one COCO segmentation per object (polygon list or RLE dict), or None for boxes only.
     """
     image_id: int
@@ -226,13 +228,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def load(self, index: int) -> Tuple[np.ndarray, Target]:
-        """(H, W, 3) uint8 RGB image and its untransformed target (numpy boxes, labels, masks)."""
+        """(H, W, 3) uint8 RGB image and its untransformed target (numpy boxes, labels, masks; image_id)."""
         record = self.records[index]
         image = read_image_file(record.path)
         if image.shape[:2] != (record.height, record.width):
             raise ValueError(f'image {record.path} is {image.shape[0]}x{image.shape[1]} (height x width, after EXIF '
                              f'orientation) but its annotations say {record.height}x{record.width}')
-        target = dict(boxes=record.boxes.copy(), labels=record.labels.copy())
+        target = dict(boxes=record.boxes.copy(), labels=record.labels.copy(), image_id=record.image_id)
         if self.with_masks:
             target['masks'] = decode_masks(record.segmentations, record.height, record.width)
         return image, target
@@ -249,6 +251,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         out.update(image_size=tuple(image.shape[:2]), image_id=record.image_id,
                    orig_size=(record.height, record.width), scale_factor=tuple(target['scale_factor']))
         return normalize(image), out
+
+    @functools.cached_property
+    def coco(self):
+        """``coco_ground_truth()``, made once (what the training engine evaluates against)."""
+        return self.coco_ground_truth()
 
     def coco_ground_truth(self):
         """A pycocotools ``COCO`` of the ground truth for ``evaluate.coco_evaluate``: the annotation file itself
@@ -278,7 +285,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return coco
 
 
-def collate(batch: Sequence[Tuple[torch.Tensor, Dict[str, object]]]
+def collate_detection(batch: Sequence[Tuple[torch.Tensor, Dict[str, object]]]
             ) -> Tuple[torch.Tensor, List[Dict[str, object]]]:
     """Items -> (inputs (B, 3, H, W) zero-padded at the bottom and right to a multiple of 32, targets):
     the normalised images padded with 0 as mmdet's ``DetDataPreprocessor`` pads them."""
@@ -492,18 +499,6 @@ def _yolo_label_path(image_path: str) -> str:
     return os.path.splitext(path)[0] + '.txt'
 
 
-def _image_size(path: str) -> Tuple[int, int]:
-    """(height, width) of an image file as OpenCV decodes it (EXIF orientation applied), from its header."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-    except OSError as e:
-        raise ValueError(f'cannot read image {path}: {e}') from None
-    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
-
-
 def _read_yolo_labels(label_path: str, num_classes: int) -> List[Tuple[int, List[float]]]:
     if not os.path.isfile(label_path):
         return []  # an image without a label file is background, as ultralytics reads it
@@ -560,7 +555,7 @@ def read_yolo_detection(path: str, split: str = 'train', train: Optional[bool] =
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise FileNotFoundError(f'{images_dir}: no images ({", ".join(IMAGE_EXTENSIONS)})')
-    parsed = [(p, _image_size(p), _read_yolo_labels(_yolo_label_path(p), len(names))) for p in files]
+    parsed = [(p, image_file_size(p), _read_yolo_labels(_yolo_label_path(p), len(names))) for p in files]
     kinds = {len(coords) == 4 for _, _, objects in parsed for _, coords in objects}
     with_masks = kinds == {False}
     if kinds == {True, False}:
