@@ -1,11 +1,11 @@
 """Dense prediction with MambaVision: NVIDIA's published detection (Cascade Mask R-CNN, COCO) and
 segmentation (UPerNet, ADE20K) models, without mmcv/mmdet/mmseg, and the pieces they share."""
 import difflib
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['unknown_name_error', 'published_file', 'read_published_file']
+__all__ = ['unknown_name_error', 'published_file', 'read_published_file', 'load_published_model']
 
 _VARIANT_BY_DIM = {80: 'MambaVision-T', 96: 'MambaVision-S', 128: 'MambaVision-B', 196: 'MambaVision-L',
                    256: 'MambaVision-L3'}
@@ -56,3 +56,27 @@ def read_published_file(
             f'{source} is a {file_variant} {kind} (dim {file_dim}), the model is {model_variant} '
             f'(dim {model_dim}); pick the name that matches the file')
     return state_dict
+
+
+def load_published_model(
+        model: torch.nn.Module, backbone_tag: str, checkpoint_path: Optional[str], pretrained: bool, kind: str,
+        head: str, metrics: Dict[str, Any], class_specific: Sequence[str] = (),
+) -> torch.nn.Module:
+    """What ``create_detector`` and ``create_segmenter`` do once they built ``model``: ``model.published`` (Hugging
+    Face repo and file of ``backbone_tag``, ``metrics``) set, the weights of ``checkpoint_path`` or (``pretrained``)
+    of the published file checked (``read_published_file``) and loaded strictly, eval mode.
+
+    Tensors whose names contain one of ``class_specific`` and whose shape differs from the file's (one's own
+    classes) keep the model's fresh values; ``model.published['fresh']`` then names them.
+    """
+    from ..weights import load_state_dict_strict
+    repo, filename = published_file(backbone_tag)
+    model.published = dict(hf_repo=repo, file=filename, **metrics)
+    if checkpoint_path is not None or pretrained:
+        state_dict = read_published_file(backbone_tag, checkpoint_path, kind, head, model)
+        fresh = {k: v for k, v in model.state_dict().items() if any(part in k for part in class_specific)
+                 and k in state_dict and state_dict[k].shape != v.shape}
+        load_state_dict_strict(model, {**state_dict, **fresh}, str(checkpoint_path or filename))
+        if fresh:
+            model.published['fresh'] = sorted(fresh)
+    return model.eval()

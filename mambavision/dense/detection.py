@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import create_dense_backbone
-from ..weights import load_state_dict_strict
-from . import published_file, read_published_file, unknown_name_error
+from . import load_published_model, unknown_name_error
 from .classes import COCO_CLASSES, COCO_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
@@ -167,9 +166,5 @@ def create_detector(
         raise unknown_name_error('detector', name, list(_PUBLISHED))
     backbone, box_ap, mask_ap = _PUBLISHED[name]
     model = CascadeMaskRCNN(create_dense_backbone(backbone, **(backbone_kwargs or {})), **kwargs)
-    repo, filename = published_file(backbone)
-    model.published = dict(hf_repo=repo, file=filename, box_ap=box_ap, mask_ap=mask_ap)
-    if checkpoint_path is not None or pretrained:
-        state_dict = read_published_file(backbone, checkpoint_path, 'Cascade Mask R-CNN', 'roi_head', model)
-        load_state_dict_strict(model, state_dict, str(checkpoint_path or filename))
-    return model.eval()
+    return load_published_model(model, backbone, checkpoint_path, pretrained, 'Cascade Mask R-CNN', 'roi_head',
+                                dict(box_ap=box_ap, mask_ap=mask_ap))

@@ -12,7 +12,6 @@ published tensor names itself).
 train mode it gives ``(decode_logits, aux_logits)``, and ``seg.loss(x, target)`` forms mmseg's
 training loss from them.
 """
-from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import create_dense_backbone
-from ..weights import load_state_dict_strict
-from . import published_file, read_published_file, unknown_name_error
-from .classes import ADE20K_CLASSES, ADE20K_PALETTE
-from .image import as_rgb_images, normalize, resize_keep_ratio
+from . import load_published_model, unknown_name_error
+from .classes import ADE20K_CLASSES, ADE20K_PALETTE, random_palette
+from .image import as_rgb_images
 from .layers import ConvModule
+from .predict import predict_images
+from .transform import ImageTransform
 
 __all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'create_segmenter', 'list_segmenters']
 
@@ -197,8 +197,7 @@ class UPerNet(nn.Module):
         self.in_chans = 3  # what export_onnx traces with
         self.test_scale = tuple(test_scale)
         self.class_names = list(class_names) if class_names else [f'class {i}' for i in range(num_classes)]
-        self.palette = [list(c) for c in palette] if palette else torch.randint(
-            0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(0), device='cpu').tolist()
+        self.palette = [list(c) for c in palette] if palette else random_palette(num_classes)
         if len(self.class_names) != num_classes or len(self.palette) != num_classes:
             raise ValueError(f'class_names and palette need one entry per class ({num_classes}), '
                              f'got {len(self.class_names)} and {len(self.palette)}')
@@ -256,24 +255,11 @@ class UPerNet(nn.Module):
                     f'the logits of a {w}x{h} image ({self.num_classes} classes) would take '
                     f'{self.num_classes * h * w * 4 / 2 ** 30:.0f} GiB; '
                     f'predict(..., return_logits=False) gives its labels alone')
-        inputs = [normalize(resize_keep_ratio(image, self.test_scale)[0]) for image in originals]
-        by_size = defaultdict(list)
-        for i, x in enumerate(inputs):
-            by_size[tuple(x.shape)].append(i)
-        weight = next(self.parameters())
-        results = [None] * len(inputs)
-        was_training = self.training
-        self.eval()
-        try:
-            for indices in by_size.values():
-                for start in range(0, len(indices), batch_size):
-                    chunk = indices[start:start + batch_size]
-                    batch = torch.stack([inputs[i] for i in chunk]).to(weight.device, weight.dtype)
-                    for i, logits in zip(chunk, self(batch).float()):
-                        results[i] = self._postprocess(logits, batch.shape[-2:], originals[i].shape[:2], return_logits)
-        finally:
-            self.train(was_training)
-        return results
+
+        def run(batch, image_sizes, original_sizes):
+            return [self._postprocess(logits, batch.shape[-2:], size, return_logits)
+                    for logits, size in zip(self(batch).float(), original_sizes)]
+        return predict_images(self, originals, ImageTransform(self.test_scale), batch_size, run)
 
     @staticmethod
     def _postprocess(logits: torch.Tensor, input_size, image_size, return_logits: bool) -> Dict[str, torch.Tensor]:
@@ -320,12 +306,5 @@ def create_segmenter(
     ade20k = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE) if kwargs.get('num_classes', 150) == 150 else {}
     kwargs = {'test_scale': test_scale, **ade20k, **kwargs}
     model = UPerNet(create_dense_backbone(backbone, **(backbone_kwargs or {})), **kwargs)
-    repo, filename = published_file(backbone)
-    model.published = dict(hf_repo=repo, file=filename, miou=miou)
-    if checkpoint_path is not None or pretrained:
-        state_dict = read_published_file(backbone, checkpoint_path, 'UPerNet segmenter', 'decode_head', model)
-        classifier = state_dict.get('decode_head.conv_seg.weight')
-        if classifier is not None and classifier.shape[0] != model.num_classes:  # own classes: fresh classifiers
-            state_dict = {**state_dict, **{k: v for k, v in model.state_dict().items() if '.conv_seg.' in k}}
-        load_state_dict_strict(model, state_dict, str(checkpoint_path or filename))
-    return model.eval()
+    return load_published_model(model, backbone, checkpoint_path, pretrained, 'UPerNet segmenter', 'decode_head',
+                                dict(miou=miou), class_specific=('.conv_seg.',))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -250,3 +251,18 @@ def test_dense_weights_do_not_fit_a_classification_model(tmp_path):
         timm.create_model('test_mambavision', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           num_classes=0, **kwargs)
     assert '\n' not in str(info.value)
+
+
+def test_out_norms_use_the_published_eps():
+    """LayerNorm over channels with eps 1e-5, as published: visible on maps whose channel variance is tiny."""
+    model = create_dense_backbone('test_mambavision', dim=16, in_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                  window_size=(8, 8, 8, 8)).eval()
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.out_norms:
+        channels = norm.weight.shape[0]
+        nn.init.normal_(norm.weight, generator=generator)
+        nn.init.normal_(norm.bias, generator=generator)
+        x = 1e-3 * torch.randn(2, channels, 5, 4, generator=generator)  # channel variance ~1e-6 at each position
+        expected = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), norm.weight, norm.bias, eps=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), expected.permute(0, 3, 1, 2), atol=1e-4, rtol=1e-4)

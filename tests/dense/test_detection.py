@@ -228,3 +228,30 @@ def test_batched_nms_follows_mmcv_beyond_its_split_threshold():
             box_ops.nms(boxes[groups == g], scores[groups == g], 0.5)] for g in range(80)])
     assert set(keep.tolist()) == set(per_group.tolist())
     assert (scores[keep][:-1] >= scores[keep][1:]).all()
+
+
+def _test_cfg(model: CascadeMaskRCNN) -> dict:
+    """The detector's test settings in mmdet's ``test_cfg`` form (proposals of any positive size are kept)."""
+    rpn, rcnn = model.rpn_head, model.roi_head
+    return dict(
+        rpn=dict(nms_pre=rpn.pre_nms, max_per_img=rpn.max_per_img,
+                 nms=dict(type='nms', iou_threshold=rpn.iou_threshold), min_bbox_size=0),
+        rcnn=dict(score_thr=rcnn.score_threshold, nms=dict(type='nms', iou_threshold=rcnn.iou_threshold),
+                  max_per_img=rcnn.max_per_img, mask_thr_binary=model.transform.mask_threshold))
+
+
+def test_test_configuration_is_the_fixtures():
+    """The published test settings, the fixture's preprocessing and the cascade's box coder stds, for the
+    fixture's model and every published detector."""
+    config = json.loads((FIXTURES / 'cascade_tiny.json').read_text())
+    model_cfg = config['model']
+    stds = tuple(tuple(head['bbox_coder']['target_stds']) for head in model_cfg['roi_head']['bbox_head'])
+    with torch.device('meta'):
+        published = [create_detector(name) for name in list_detectors()]
+    for model in [tiny_detector(), *published]:
+        assert _test_cfg(model) == model_cfg['test_cfg']
+        assert model.transform.size_divisor == model_cfg['data_preprocessor']['pad_size_divisor']
+        assert model.roi_head.stage_stds == stds
+        assert model.rpn_head.strides == tuple(model_cfg['rpn_head']['anchor_generator']['strides'])
+    assert tiny_detector().transform.test_scale == tuple(config['test_pipeline'][1]['scale'])
+    assert all(model.transform.test_scale == (1333, 800) for model in published)

@@ -90,3 +90,15 @@ def test_normalize_uses_the_published_mean_and_std():
     expected = (torch.tensor([182., 116., 0.]) - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor(
         [58.395, 57.12, 57.375])
     torch.testing.assert_close(x.flatten(), expected)
+
+
+@pytest.mark.parametrize('size, scale, resized', [
+    ((20, 5), (10, 10), (10, 3)),  # factor 0.5: width 2.5 -> 3 (Python's round: 2)
+    ((2, 3), (6, 3), (3, 5)),  # factor 1.5: width 4.5 -> 5 (round: 4)
+    ((5, 20), (10, 10), (3, 10)),  # factor 0.5: height 2.5 -> 3 (round: 2)
+])
+def test_resized_sizes_round_half_up_as_mmcv(size, scale, resized):
+    """mmcv's rescale rounds the new size with int(x * factor + 0.5): halves go up, not to even."""
+    image, factors = resize_keep_ratio(_rgb(*size), scale)
+    assert image.shape[:2] == resized
+    assert factors == (resized[1] / size[1], resized[0] / size[0])
