@@ -92,6 +92,27 @@ def test_published_pipeline_is_mmdets(golden, k):
     assert target['scale_factor'] == tuple(golden[f'pipeline{k}.scale_factor'])
 
 
+def _large_input():
+    """make_det_pipeline.large_input(): a 600x900 image given by a formula, three boxes with box masks."""
+    yy, xx = np.mgrid[:600, :900]
+    image = np.stack([(xx * 7 + yy * 13) % 256, (xx * yy) % 251, (xx // 3 + yy * 5) % 256], -1).astype(np.uint8)
+    boxes = np.array([[10.5, 20.25, 300.75, 400.0], [500.0, 100.0, 899.5, 599.0], [0.0, 0.0, 900.0, 600.0]],
+                     np.float32)
+    masks = np.zeros((3, 600, 900), np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.astype(int)):
+        mask[y1:y2, x1:x2] = 1
+    return image, dict(boxes=boxes, labels=np.array([0, 1, 2], np.int64), masks=masks)
+
+
+@pytest.mark.parametrize('k', range(2))  # shrinking: (a) with flip at the smallest scale; (b) at the largest
+def test_published_pipeline_is_mmdets_on_a_large_image(golden, k):
+    rng = ScriptedGenerator(golden[f'large{k}.script'].tolist())
+    image, target = DetectionTrainPipeline()(*_large_input(), rng)
+    assert rng.calls == golden[f'large{k}.calls'].tolist()
+    _assert_case(golden, f'large{k}', image, target)
+    assert target['scale_factor'] == tuple(golden[f'large{k}.scale_factor'])
+
+
 def test_mask_resize_is_per_mask_nearest_for_many_masks():
     masks = (np.random.default_rng(0).random((600, 9, 13)) < 0.5).astype(np.uint8)  # > 128: OpenCV 5 channels
     expected = np.stack([cv2.resize(m, (20, 14), interpolation=cv2.INTER_NEAREST) for m in masks])
@@ -221,7 +242,7 @@ def test_objects_without_a_mask_in_a_dataset_with_masks_are_left_out(tmp_path):
 
 def test_masks_need_pycocotools_named_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, 'pycocotools', None)
-    with pytest.raises(ImportError, match=r"pip install 'mambavision\[coco\]'"):
+    with pytest.raises(ImportError, match=r"pip install pycocotools "):
         decode_masks([[[0, 0, 4, 0, 4, 4]]], 8, 8)
 
 
