@@ -9,7 +9,7 @@ a BatchNorm over the final map and a pooled linear classifier. Stages 2-4 start
 with a stride-2 conv downsample, so stage ``i`` outputs stride ``4 * 2**i`` maps.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from .ops import mixer_cpu
 from .ops.selective_scan import selective_scan
+from .published import PUBLISHED_MODELS, PublishedModel
 from .weights import checkpoint_filter_fn, load_pretrained_file, rename_published_keys_, resolve_weights_source
 
 __all__ = [
@@ -139,6 +141,9 @@ class MambaVisionMixer(nn.Module):
             self.D.fill_(1.)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._fused_applies(x):
+                return self._forward_fused(x)
         x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, C/2, L) each
         x = F.silu(self.conv1d_x(x))
         z = F.silu(self.conv1d_z(z))
@@ -149,6 +154,24 @@ class MambaVisionMixer(nn.Module):
         b, c = b.transpose(1, 2), c.transpose(1, 2)
         y = _mixer_scan(x, dt, A, b, c, self.D, self.dt_proj.bias)
         return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))
+
+    @torch.jit.unused
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        """Inference on a CPU where ``mixer_cpu``'s kernels run (not while fx/jit tracing or exporting)."""
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
+                or torch.compiler.is_exporting() or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        return mixer_cpu.applies(x, self.conv1d_x.kernel_size[0], self.dt_rank, self.d_state, *self.parameters())
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` by ``mixer_cpu``'s kernels, tokens-first throughout (no gradient)."""
+        xz = self.in_proj(x)
+        act = mixer_cpu.mixer_conv_silu(xz, torch.cat([self.conv1d_x.weight, self.conv1d_z.weight]))
+        proj = self.x_proj(act[..., :act.shape[-1] // 2])
+        A = -torch.exp(self.A_log.float())
+        y = mixer_cpu.mixer_ssm(act, proj, self.dt_proj.weight, self.dt_proj.bias, A, self.D)
+        return self.out_proj(y.to(xz.dtype))
 
 
 class Attention(nn.Module):
@@ -539,29 +562,16 @@ def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs):
     }
 
 
-# The backbones of the published detection and segmentation models:
-# (architecture, tag, Hugging Face repo (file = repo name + '.pth'), window sizes, test input size)
-_DENSE_WEIGHTS = [
-    ('mambavision_t', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco', (8, 8, 112, 56), (800, 1344)),
-    ('mambavision_s', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_small_3x_coco', (8, 8, 112, 56), (800, 1344)),
-    ('mambavision_b', 'nv_coco', 'nvidia/cascade_mask_rcnn_mamba_vision_base_3x_coco', (8, 8, 112, 56), (800, 1344)),
-    ('mambavision_t', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_tiny', (8, 8, 64, 32), (512, 512)),
-    ('mambavision_s', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_small', (8, 8, 160, 56), (512, 512)),
-    ('mambavision_b', 'nv_ade20k', 'nvidia/mamba_vision_160k_ade20k-512x512_base', (8, 8, 64, 32), (512, 512)),
-    ('mambavision_l3_256', 'nv_in21k_ade20k_640', 'nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', (8, 8, 64, 32),
-     (640, 640)),
-]
 # model arguments a dense tag implies: the task's windows, out-norms, no classifier
-_DENSE_ARGS = {
-    f'{arch}.{tag}': dict(window_size=windows, out_norm=True, num_classes=0)
-    for arch, tag, _, windows, _ in _DENSE_WEIGHTS}
+_DENSE_ARGS = {m.backbone_tag: dict(window_size=m.window_size, out_norm=True, num_classes=0)
+               for m in PUBLISHED_MODELS.values()}
 
 
-def _dense_cfg(repo: str, input_size: Tuple[int, int]) -> dict:
+def _dense_cfg(published: PublishedModel) -> dict:
     """A dense backbone's weights: the ``backbone.*`` tensors of a published detection/segmentation file."""
     return _cfg(
-        repo, repo.split('/')[-1] + '.pth', num_classes=0, input_size=(3, *input_size), pool_size=None,
-        classifier=None)
+        published.hf_repo, published.hf_file, num_classes=0, input_size=(3, *published.input_size), pool_size=None,
+        classifier=None, license=published.license)
 
 
 default_cfgs = generate_default_cfgs({
@@ -583,30 +593,38 @@ default_cfgs = generate_default_cfgs({
         'nvidia/MambaVision-L3-512-21K', 'mambavision_L3_21k_740m_512.pth.tar',
         input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode='squash'),
     'test_mambavision': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), license='apache-2.0'),
-    **{f'{arch}.{tag}': _dense_cfg(repo, input_size) for arch, tag, repo, _, input_size in _DENSE_WEIGHTS},
+    **{m.backbone_tag: _dense_cfg(m) for m in PUBLISHED_MODELS.values()},
 })
 
-# Published architectures: (depths, num_heads, window_size, dim, in_dim, drop_path_rate, layer_scale)
-_L_HEADS = (4, 8, 16, 32)
-_ARCHS = {
-    'mambavision_t': ((1, 3, 8, 4), (2, 4, 8, 16), (8, 8, 14, 7), 80, 32, 0.2, None),
-    'mambavision_t2': ((1, 3, 11, 4), (2, 4, 8, 16), (8, 8, 14, 7), 80, 32, 0.2, None),
-    'mambavision_s': ((3, 3, 7, 5), (2, 4, 8, 16), (8, 8, 14, 7), 96, 64, 0.2, None),
-    'mambavision_b': ((3, 3, 10, 5), (2, 4, 8, 16), (8, 8, 14, 7), 128, 64, 0.3, 1e-5),
-    'mambavision_l': ((3, 3, 10, 5), _L_HEADS, (8, 8, 14, 7), 196, 64, 0.3, 1e-5),
-    'mambavision_l2': ((3, 3, 12, 5), _L_HEADS, (8, 8, 14, 7), 196, 64, 0.3, 1e-5),
-    'mambavision_l2_512': ((3, 3, 12, 5), _L_HEADS, (8, 8, 32, 16), 196, 64, 0.3, 1e-5),
-    'mambavision_l3_256': ((3, 3, 20, 10), _L_HEADS, (8, 8, 16, 8), 256, 64, 0.5, 1e-5),
-    'mambavision_l3_512': ((3, 3, 20, 10), _L_HEADS, (8, 8, 32, 16), 256, 64, 0.5, 1e-5),
-    'test_mambavision': ((1, 1, 2, 2), (1, 1, 2, 2), (8, 8, 4, 2), 16, 8, 0.0, None),
+class _Arch(NamedTuple):
+    """The constructor arguments of a published architecture."""
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    window_size: Tuple[int, ...]
+    dim: int
+    in_dim: int
+    drop_path_rate: float
+    layer_scale: Optional[float]
+
+
+_SMALL_HEADS, _L_HEADS = (2, 4, 8, 16), (4, 8, 16, 32)
+_WINDOWS_224 = (8, 8, 14, 7)
+ARCHS = {
+    'mambavision_t': _Arch((1, 3, 8, 4), _SMALL_HEADS, _WINDOWS_224, 80, 32, 0.2, None),
+    'mambavision_t2': _Arch((1, 3, 11, 4), _SMALL_HEADS, _WINDOWS_224, 80, 32, 0.2, None),
+    'mambavision_s': _Arch((3, 3, 7, 5), _SMALL_HEADS, _WINDOWS_224, 96, 64, 0.2, None),
+    'mambavision_b': _Arch((3, 3, 10, 5), _SMALL_HEADS, _WINDOWS_224, 128, 64, 0.3, 1e-5),
+    'mambavision_l': _Arch((3, 3, 10, 5), _L_HEADS, _WINDOWS_224, 196, 64, 0.3, 1e-5),
+    'mambavision_l2': _Arch((3, 3, 12, 5), _L_HEADS, _WINDOWS_224, 196, 64, 0.3, 1e-5),
+    'mambavision_l2_512': _Arch((3, 3, 12, 5), _L_HEADS, (8, 8, 32, 16), 196, 64, 0.3, 1e-5),
+    'mambavision_l3_256': _Arch((3, 3, 20, 10), _L_HEADS, (8, 8, 16, 8), 256, 64, 0.5, 1e-5),
+    'mambavision_l3_512': _Arch((3, 3, 20, 10), _L_HEADS, (8, 8, 32, 16), 256, 64, 0.5, 1e-5),
+    'test_mambavision': _Arch((1, 1, 2, 2), (1, 1, 2, 2), (8, 8, 4, 2), 16, 8, 0.0, None),
 }
 
 
 def _arch_args(name: str) -> dict:
-    depths, num_heads, window_size, dim, in_dim, drop_path_rate, layer_scale = _ARCHS[name]
-    return dict(
-        depths=depths, num_heads=num_heads, window_size=window_size, dim=dim, in_dim=in_dim,
-        drop_path_rate=drop_path_rate, layer_scale=layer_scale)
+    return ARCHS[name]._asdict()
 
 
 @register_model
