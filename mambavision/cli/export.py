@@ -40,7 +40,8 @@ def run_export(args) -> int:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise UserError("ONNX export needs onnx and onnxruntime: pip install 'mambavision[onnx]'") from None
+        raise UserError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime onnxscript "
+                        "(in a checkout of mambavision: pip install -e '.[onnx]')") from None
     model = create_model_with_weights(
         'export', args.model, args.checkpoint, require_weights=True, random_weights=args.random_weights,
         hint='--checkpoint PATH exports a local file, --random-weights random weights').eval()

@@ -12,7 +12,7 @@ Instance segmentation follows mmdet's ``CocoMetric``: detections become COCO res
 (``bbox`` as x, y, width, height, masks as pycocotools RLE, label i -> the i-th smallest
 category id), and pycocotools' ``COCOeval`` gives AP, AP50, AP75 and AP for small, medium
 and large objects with mmdet's settings (max detections 100/300/1000, every image of the
-annotation file). pycocotools is an optional dependency: ``pip install 'mambavision[coco]'``.
+annotation file). pycocotools is an optional dependency: ``pip install pycocotools`` (the ``coco`` extra).
 """
 import contextlib
 import copy
@@ -115,7 +115,8 @@ def import_pycocotools():
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
     except ImportError:
-        raise ImportError("COCO evaluation needs pycocotools: pip install 'mambavision[coco]'") from None
+        raise ImportError("COCO evaluation needs pycocotools: pip install pycocotools "
+                          "(in a checkout of mambavision: pip install -e '.[coco]')") from None
     return COCO, COCOeval, mask
 
 

@@ -30,7 +30,8 @@ def _cv2():
         import cv2
     except ImportError:
         raise ImportError(
-            'the published test pipelines read and resize images with OpenCV: pip install "mambavision[dense]"') from None
+            'the published test pipelines read and resize images with OpenCV: pip install opencv-python-headless '
+            '(in a checkout of mambavision: pip install -e ".[dense]")') from None
     return cv2
 
 

@@ -5,7 +5,6 @@ fixed outputs, so the commands, the drawing and the metrics are tested independe
 """
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from mambavision.dense.visualize import draw_detections, segmentation_overlay
 from mambavision.model import create_dense_backbone
 
 from conftest import CATEGORY_IDS, detections_of, write_coco
+from conftest import DENSE_FIXTURES as FIXTURES
 
 # pycocotools' mask.decode warns under numpy 2 (its own code); the decoded masks are right
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
@@ -31,7 +31,6 @@ SEG_CLASSES = ['sky', 'tree', 'road']
 SEG_PALETTE = [[70, 130, 180], [0, 200, 0], [128, 64, 128]]
 DET_CLASSES = [f'class{c}' for c in CATEGORY_IDS]
 DET_PALETTE = [[220, 20, 60], [0, 0, 142], [250, 170, 30]]
-from conftest import DENSE_FIXTURES as FIXTURES
 
 
 @pytest.fixture(autouse=True)
@@ -272,7 +271,7 @@ def test_validate_errors(tmp_path, coco_root, use_stub, monkeypatch, capsys):
     _one_line_error(capsys, 'validate', '2 of the 2 images', 'elsewhere')
     monkeypatch.setitem(sys.modules, 'pycocotools', None)
     assert main(det + annotations) == 1
-    _one_line_error(capsys, 'validate', "pip install 'mambavision[coco]'")
+    _one_line_error(capsys, 'validate', 'pip install pycocotools')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def _mask_api():
     try:
         from pycocotools import mask
     except ImportError:
-        raise ImportError("decoding polygon and RLE masks needs pycocotools: pip install 'mambavision[coco]'") from None
+        raise ImportError("decoding polygon and RLE masks needs pycocotools: pip install pycocotools "
+                          "(in a checkout of mambavision: pip install -e '.[coco]')") from None
     return mask
 
 
