@@ -360,10 +360,11 @@ def read_coco_detection(annotation_file: str, images_dir: str, train: bool = Tru
                         seed: int = 0) -> DetectionDataset:
     """A ``DetectionDataset`` of a COCO instances json and its image folder.
 
-    Labels are the categories in increasing id order. ``train``: crowd-only and annotation-less images and
-    images under 32 px are dropped, and ``pipeline='default'`` is the published training pipeline (else the
-    published test resize). Masks are read when any annotation has a ``segmentation``; without any, the
-    dataset is boxes only. Bad annotations raise one line naming the first offending image or annotation.
+    Labels are the categories in increasing id order. ``train``: images without annotations and images under
+    32 px are dropped (one with only crowd objects stays, as in mmdet), and ``pipeline='default'`` is the
+    published training pipeline (else the published test resize; ``None``: the image as read). Masks are
+    read when any annotation has a ``segmentation``; without any, the dataset is boxes only. Bad annotations
+    raise one line naming the first offending image or annotation.
     """
     data = _read_json(annotation_file)
     where = os.path.basename(annotation_file)
