@@ -19,15 +19,16 @@ import pickle
 import re
 import socket
 import urllib.request
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 __all__ = [
-    'read_checkpoint', 'read_state_dict', 'checkpoint_filter_fn', 'rename_published_keys_', 'load_pretrained_file',
-    'resolve_weights_source', 'download_weights', 'load_state_dict_strict', 'SAFE_GLOBALS', 'INERT_MODULES',
+    'read_checkpoint', 'read_state_dict', 'checkpoint_classes', 'model_args_from_checkpoint', 'checkpoint_filter_fn',
+    'rename_published_keys_', 'load_pretrained_file', 'resolve_weights_source', 'download_weights',
+    'load_state_dict_strict', 'SAFE_GLOBALS', 'INERT_MODULES',
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -193,6 +194,36 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return checkpoint
 
 
+def checkpoint_classes(checkpoint: Dict[str, Any]) -> Tuple[int, Optional[List[str]]]:
+    """(class count, class names) of ``checkpoint`` (a dict from ``read_checkpoint``).
+
+    A training checkpoint of ours states both in its ``config`` (names None when its data had
+    none); any other file gives its classifier's row count and no names, 0 when it has no
+    classifier (a backbone, a detection or segmentation file).
+    """
+    config = checkpoint.get('config')
+    if isinstance(config, dict) and isinstance(config.get('num_classes'), int):
+        classes = config.get('classes')
+        return config['num_classes'], [str(c) for c in classes] if classes else None
+    head = checkpoint_filter_fn(checkpoint).get('head.fc.weight')
+    return (head.shape[0] if isinstance(head, torch.Tensor) else 0), None
+
+
+def model_args_from_checkpoint(path: str) -> Dict[str, Any]:
+    """The ``timm.create_model`` arguments that build a model with the classifier of weight file ``path``
+    and load the file into it: ``timm.create_model(name, **model_args_from_checkpoint(path))``.
+
+    The model gets the file's class count (``checkpoint_classes``), and its ``pretrained_cfg``
+    the file's class names as ``label_names`` (``class i`` for outputs without a name).
+    """
+    path = os.fspath(path)
+    num_classes, classes = checkpoint_classes(read_checkpoint(path))
+    overlay: Dict[str, Any] = dict(file=path, num_classes=num_classes)
+    if classes:
+        overlay['label_names'] = classes + [f'class {i}' for i in range(len(classes), num_classes)]
+    return dict(pretrained=True, pretrained_cfg_overlay=overlay)
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
     """``model.load_state_dict(state_dict)``; any missing, unexpected or mis-shaped tensor raises one
     ``RuntimeError`` line naming ``source`` and the first offenders.
@@ -220,9 +251,11 @@ def load_state_dict_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
 def load_pretrained_file(model: nn.Module, path: str, headless: bool = False) -> None:
     """Load weight file ``path`` into ``model`` strictly, adapting classifier and first conv as timm does.
 
-    The classifier is dropped (and stays freshly initialised) when the file's class
-    count differs from the model's (a file without one needs ``num_classes=0``, unless
-    ``headless`` declares that the file has none: then the model keeps its own head); the
+    A classifier of another class count than the model's is an error, unless the model was
+    asked for another class count than its ``pretrained_cfg`` declares for the file
+    (fine-tuning, as in timm): then the file's classifier is dropped and the model's stays
+    freshly initialised. A file without one needs ``num_classes=0``, unless ``headless``
+    declares that the file has none: then the model keeps its own head. The
     first conv is adapted with timm's ``adapt_input_conv`` when ``in_chans`` differs; a
     classification file loaded into a dense backbone (``out_norm=True``) leaves its final
     norm out and the out-norms freshly initialised.
@@ -235,9 +268,18 @@ def load_pretrained_file(model: nn.Module, path: str, headless: bool = False) ->
     conv = 'stem.conv1.weight'
     if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
         state_dict[conv] = adapt_input_conv(own[conv].shape[1], state_dict[conv])
+    head = state_dict.get('head.fc.weight')
+    file_classes = head.shape[0] if head is not None else 0
+    if head is not None and file_classes != getattr(model, 'num_classes', file_classes) and not headless:
+        declared = getattr(model, 'pretrained_cfg', {}).get('num_classes')
+        if model.num_classes == declared or declared is None:
+            raise RuntimeError(
+                f'weight file {_describe(path)} has a {file_classes}-class classifier, the model {model.num_classes} '
+                f'classes: create it with num_classes={file_classes} (mambavision.weights.model_args_from_checkpoint '
+                f'reads it from the file), or with another num_classes for a fresh classifier')
     for name in ('head.fc.weight', 'head.fc.bias'):
         if headless or name in state_dict and (name not in own or state_dict[name].shape != own[name].shape):
-            state_dict[name] = own.get(name)  # another class count, or no classifier: keep the model's own head
+            state_dict[name] = own.get(name)  # fine-tuning, or no classifier in the file: keep the model's own head
     if any(k.startswith('out_norms.') for k in own) and not any(k.startswith('out_norms.') for k in state_dict):
         # classification weights into a dense backbone (fine-tuning as the published detectors were):
         # its final norm has no place there, the out-norms start fresh

@@ -21,7 +21,8 @@ import mambavision.weights
 from mambavision import checkpoint_filter_fn, read_state_dict
 from mambavision.dense.detection import create_detector
 from mambavision.dense.segmentation import create_segmenter
-from mambavision.weights import read_checkpoint
+from mambavision.train import save_checkpoint
+from mambavision.weights import checkpoint_classes, load_pretrained_file, model_args_from_checkpoint, read_checkpoint
 
 from conftest import FIXTURES
 
@@ -213,6 +214,88 @@ def test_other_input_channels_adapt_first_conv(tiny_a, in_chans, tmp_path):
     assert torch.equal(model.stem.conv1.weight, adapt_input_conv(in_chans, conv))
     assert torch.equal(model.stem.conv2.weight, tiny_a.state_dict['patch_embed.conv_down.3.weight'])
     assert model(torch.randn(1, in_chans, 40, 40)).shape == (1, tiny_a.arch['num_classes'])
+
+
+# --- a checkpoint of ours brings its classifier: class count and class names ---
+
+CLASSES = ['cat', 'dog', 'fox']
+
+
+def _our_checkpoint(tiny, path, classes=CLASSES, num_classes=None) -> str:
+    """What ``mambavision train`` writes after a fine-tune on a folder of ``classes`` (``num_classes`` outputs)."""
+    num_classes = num_classes or len(classes)
+    torch.manual_seed(0)
+    model = tiny.create_model(num_classes=num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = dict(model='test_mambavision', architecture=_architecture(tiny), num_classes=num_classes, classes=classes,
+                  data=dict(input_size=[3, 32, 32]), train=dict(epochs=1, lr=1e-3))
+    save_checkpoint(dict(
+        arch='test_mambavision', epoch=0, state_dict=model.state_dict(), state_dict_ema=None,
+        optimizer=optimizer.state_dict(), scheduler=dict(t_initial=1), scaler=None, config=config,
+        metrics=dict(epoch=0, top1=50.), best_top1=50.), str(path))
+    return str(path)
+
+
+def _architecture(tiny) -> dict:
+    return {k: v for k, v in tiny.arch.items() if k != 'num_classes'}
+
+
+def test_checkpoint_of_ours_builds_its_own_classifier(tiny_a, tmp_path):
+    path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar')
+    assert checkpoint_classes(read_checkpoint(path)) == (3, CLASSES)
+    model = timm.create_model('test_mambavision', **model_args_from_checkpoint(path), **_architecture(tiny_a)).eval()
+    assert model.num_classes == 3 and model.pretrained_cfg['label_names'] == CLASSES
+    _assert_weights(model, read_state_dict(path))
+    x = tiny_a['input.0']
+    with torch.no_grad():
+        assert model(x).shape == (len(x), 3)
+
+
+def test_checkpoint_names_fewer_classes_than_outputs(tiny_a, tmp_path):
+    path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar', classes=['cat', 'dog'], num_classes=4)
+    overlay = model_args_from_checkpoint(path)['pretrained_cfg_overlay']
+    assert overlay['num_classes'] == 4 and overlay['label_names'] == ['cat', 'dog', 'class 2', 'class 3']
+
+
+@pytest.mark.parametrize('form, num_classes', [('published.pth.tar', 10), ('plain.safetensors', 10), ('backbone', 0)])
+def test_other_files_give_their_classifier_rows(tiny_a, form, num_classes, tmp_path):
+    if form == 'backbone':
+        backbone = {k: v for k, v in tiny_a.state_dict.items() if not k.startswith('head.')}
+        path = _write(tmp_path / 'backbone.pth', backbone)
+    else:
+        path = _write(tmp_path / form, FORMS[form](tiny_a))
+    assert checkpoint_classes(read_checkpoint(path)) == (num_classes, None)
+    args = model_args_from_checkpoint(path)
+    assert args['pretrained_cfg_overlay'] == dict(file=path, num_classes=num_classes)
+    model = timm.create_model('test_mambavision', **args, **_architecture(tiny_a))
+    assert model.num_classes == num_classes and model.pretrained_cfg.get('label_names') is None
+
+
+def test_classifier_that_does_not_fit_is_an_error(tiny_a, tmp_path):
+    """The model's class count as its config declares (nobody asked for another): never a silent fresh head."""
+    path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar')
+    with pytest.raises(RuntimeError) as info:
+        timm.create_model('test_mambavision', pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                          **_architecture(tiny_a))
+    message = str(info.value)
+    assert 'best.pth.tar has a 3-class classifier, the model 1000 classes' in message and 'num_classes=3' in message
+    assert '\n' not in message
+    bare = timm.create_model('test_mambavision', **_architecture(tiny_a))
+    del bare.pretrained_cfg  # a model that declares nothing about the file
+    with pytest.raises(RuntimeError, match='has a 3-class classifier'):
+        load_pretrained_file(bare, path)
+
+
+def test_another_class_count_asked_for_fine_tunes(tiny_a, tmp_path):
+    """Asking for another class count than the file's is timm's fine-tuning: the file's classifier is left out."""
+    path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar')
+    model = timm.create_model('test_mambavision', pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                              num_classes=5, **_architecture(tiny_a))
+    assert model.num_classes == 5
+    loaded = read_state_dict(path)
+    for name, value in model.state_dict().items():
+        if not name.startswith('head.fc.'):
+            assert torch.equal(value, loaded[name]), name
 
 
 # --- checkpoints as mmengine 0.10.7's runner writes them (pickle protocol 2, as torch.save) ---
