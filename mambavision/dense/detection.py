@@ -25,6 +25,7 @@ from .layers import ConvModule
 from .predict import predict_images
 from .roi_heads import CascadeRoIHead
 from .rpn import RPNHead
+from .targets import check_targets, train_config
 from .transform import DetectionTransform
 
 __all__ = ['FPN', 'CascadeMaskRCNN', 'create_detector', 'list_detectors']
@@ -66,6 +67,8 @@ class CascadeMaskRCNN(nn.Module):
         size_divisor: the network input is zero-padded to multiples of it.
         class_names, palette: class names and RGB colours for display, one per class (default: COCO's
             for 80 classes, else 'class i' and random colours).
+        train_cfg: changes to the published training settings, mmdet's names (``targets.train_config``),
+            e.g. ``{'rpn': {'sampler': {'num': 512}}}``.
     """
 
     def __init__(
@@ -78,8 +81,10 @@ class CascadeMaskRCNN(nn.Module):
             size_divisor: int = 32,
             class_names: Optional[Sequence[str]] = None,
             palette: Optional[Sequence[Sequence[int]]] = None,
+            train_cfg: Optional[dict] = None,
     ):
         super().__init__()
+        self.train_cfg = train_config(train_cfg)
         self.transform = DetectionTransform(test_scale, size_divisor)
         self.backbone = backbone
         self.neck = FPN([info['num_chs'] for info in backbone.feature_info], channels)
@@ -120,6 +125,36 @@ class CascadeMaskRCNN(nn.Module):
         proposals = [boxes for boxes, _ in self.rpn_head.predict(feats, image_sizes)]
         detections = self.roi_head.predict(feats, proposals, image_sizes)
         return self.transform.postprocess(detections, image_sizes, original_sizes or image_sizes)
+
+    def loss(
+            self, inputs: torch.Tensor, targets: Sequence[dict], generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """mmdet's CascadeRCNN.loss: the training losses of a normalised, zero-padded batch, by mmdet's names.
+
+        Args:
+            inputs: (B, 3, H, W) images, each at the top left of its padding.
+            targets: per image, torchvision's form: ``boxes`` (N, 4) float x1 y1 x2 y2 in input pixels,
+                ``labels`` (N,) int64 from 0, ``image_size`` (h, w) unpadded, and ``masks`` (N, h, w) uint8
+                (left out for boxes-only data: no mask losses, the mask heads untouched).
+            generator: the samplers' random draws (default: torch's global generator).
+
+        Returns:
+            ``loss_rpn_cls.{level}``, ``loss_rpn_bbox.{level}`` (levels 0-4) and per cascade stage
+            ``s{i}.loss_cls``, ``s{i}.acc`` (percent, not a loss), ``s{i}.loss_bbox`` [, ``s{i}.loss_mask``];
+            ``losses.total_loss`` sums the losses. Settings: ``self.train_cfg``.
+        """
+        image_sizes = check_targets(targets, len(inputs), inputs.shape[-2:], self.roi_head.num_classes)
+        cfg = self.train_cfg
+        feats = self.extract_features(inputs)
+        logits, deltas = self.rpn_head(feats)
+        losses = self.rpn_head.loss(logits, deltas, [t['boxes'] for t in targets], image_sizes, cfg['rpn'], generator)
+        proposal_cfg = cfg['rpn_proposal']
+        proposals = self.rpn_head.select_proposals(
+            logits, deltas, image_sizes, proposal_cfg['nms_pre'], proposal_cfg['max_per_img'],
+            proposal_cfg['nms']['iou_threshold'], proposal_cfg['min_bbox_size'])
+        losses.update(self.roi_head.loss(
+            feats, [boxes for boxes, _ in proposals], targets, image_sizes, cfg['rcnn'], generator))
+        return losses
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 1) -> List[Dict[str, torch.Tensor]]:

@@ -3,9 +3,9 @@ three box heads refining the proposals stage by stage, three mask heads, and the
 
 Rois are (K, 5): image index in the batch, then x1, y1, x2, y2 in input pixels, grouped by image.
 ``box_forward`` runs one stage on given rois and ``regress_by_class`` moves rois by a stage's deltas
-(what training repeats with its own rois); ``predict`` is the test path.
+(what training repeats with its own rois); ``predict`` is the test path, ``loss`` mmdet's training losses.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,8 @@ from torchvision.ops import roi_align
 
 from .boxes import batched_nms, delta2bbox, roi_levels
 from .layers import ConvModule
+from .losses import accuracy, giou_loss, weighted_mean
+from .targets import Sampling, assign_and_sample, mask_targets, stage_parts
 
 __all__ = ['ROI_STRIDES', 'CASCADE_STDS', 'roi_features', 'ConvFCBBoxHead', 'FCNMaskHead', 'CascadeRoIHead']
 
@@ -102,13 +104,16 @@ class CascadeRoIHead(nn.Module):
             self, in_channels: int, channels: int, fc_channels: int, num_classes: int = 80,
             stage_stds: Sequence[Sequence[float]] = CASCADE_STDS, score_threshold: float = 0.05,
             iou_threshold: float = 0.5, max_per_img: int = 100,
+            stage_loss_weights: Sequence[float] = (1., 0.5, 0.25), bbox_loss_weight: float = 10.,
     ):
         super().__init__()
+        self.num_classes = num_classes
         self.bbox_head = nn.ModuleList([
             ConvFCBBoxHead(in_channels, channels, fc_channels, num_classes) for _ in stage_stds])
         self.mask_head = nn.ModuleList([FCNMaskHead(in_channels, channels, num_classes) for _ in stage_stds])
         self.stage_stds = tuple(tuple(s) for s in stage_stds)
         self.score_threshold, self.iou_threshold, self.max_per_img = score_threshold, iou_threshold, max_per_img
+        self.stage_loss_weights, self.bbox_loss_weight = tuple(stage_loss_weights), bbox_loss_weight
 
     def box_forward(
             self, stage: int, feats: Sequence[torch.Tensor], rois: torch.Tensor,
@@ -142,6 +147,102 @@ class CascadeRoIHead(nn.Module):
             if stage < len(self.bbox_head) - 1:
                 rois = self.regress_by_class(stage, rois, logits[:, :-1].argmax(dim=1), deltas, image_sizes)
         return rois, sum(stage_logits) / float(len(stage_logits)), deltas
+
+    def loss(
+            self, feats: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor], targets: Sequence[dict],
+            image_sizes: Sequence[Tuple[int, int]], cfg: Sequence[dict], generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """mmdet's CascadeRoIHead.loss: per stage ``s{i}.loss_cls``, ``s{i}.acc`` (percent), ``s{i}.loss_bbox``
+        and, when the targets have ``masks``, ``s{i}.loss_mask``; the losses times the stage's weight.
+
+        Args:
+            feats: the FPN maps (the first four are used).
+            proposals: per image (N, 4) boxes in input pixels (not differentiated).
+            targets: per image ``boxes`` (G, 4), ``labels`` (G,) and optionally ``masks`` (G, h, w).
+            image_sizes: each image's (h, w) inside the padding.
+            cfg: per stage ``assigner``, ``sampler``, ``mask_size``, ``pos_weight`` (``train_cfg['rcnn']``).
+            generator: the samplers' random draws.
+
+        Each stage assigns and samples its boxes (the ground truth added as proposals), then moves them by
+        its deltas for the next stage (positives by their target class, the rest by their best class),
+        leaving the added ground truth out.
+        """
+        if len(cfg) != len(self.bbox_head):
+            raise ValueError(f'train_cfg: rcnn needs {len(self.bbox_head)} stages, got {len(cfg)}')
+        feats = feats[:len(ROI_STRIDES)]
+        boxes = [p.detach().float() for p in proposals]
+        gt_boxes = [t['boxes'].to(boxes[0]) for t in targets]
+        losses = {}
+        for stage, (stage_cfg, weight) in enumerate(zip(cfg, self.stage_loss_weights)):
+            assigner, sampler = stage_parts(stage_cfg)
+            samplings = [assign_and_sample(b, gt, assigner, sampler, generator) for b, gt in zip(boxes, gt_boxes)]
+            rois = torch.cat([F.pad(s.sampled(), (1, 0), value=float(i)) for i, s in enumerate(samplings)])
+            labels = torch.cat([
+                torch.cat([t['labels'][s.pos_gt_inds], t['labels'].new_full((len(s.neg_inds),), self.num_classes)])
+                for s, t in zip(samplings, targets)]).to(rois.device)
+            pos_boxes = torch.cat([gt[s.pos_gt_inds] for s, gt in zip(samplings, gt_boxes)])
+            logits, deltas = self.box_forward(stage, feats, rois)
+            stage_losses = self.box_loss(stage, rois, logits, deltas, labels, pos_boxes, stage_cfg['pos_weight'])
+            if 'masks' in targets[0]:
+                stage_losses['loss_mask'] = self.mask_loss(stage, feats, samplings, targets, stage_cfg['mask_size'])
+            losses.update({f's{stage}.{name}': value * weight if 'loss' in name else value
+                           for name, value in stage_losses.items()})
+            if stage < len(self.bbox_head) - 1:
+                boxes = self.next_stage_boxes(stage, rois, logits, deltas, labels, samplings, image_sizes)
+        return losses
+
+    def box_loss(
+            self, stage: int, rois: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
+            pos_boxes: torch.Tensor, pos_weight: float = -1,
+    ) -> Dict[str, torch.Tensor]:
+        """mmdet's BBoxHead.loss with reg_decoded_bbox: softmax cross entropy over the (K,) sampled rois
+        (background = ``num_classes``), their accuracy, and GIoU of the positives' decoded boxes of their
+        class against ``pos_boxes`` (P, 4), summed over the positives and divided by K."""
+        positive = labels < self.num_classes
+        weights = torch.ones_like(logits[:, 0])
+        if pos_weight > 0:
+            weights[positive] = pos_weight
+        cls = F.cross_entropy(logits, labels, reduction='none')
+        losses = dict(loss_cls=weighted_mean(cls, weights, max(float((weights > 0).sum()), 1.)),
+                      acc=accuracy(logits, labels))
+        if positive.any():
+            pos_deltas = deltas.reshape(len(deltas), -1, 4)[positive, labels[positive]]
+            decoded = delta2bbox(rois[positive, 1:], pos_deltas, self.stage_stds[stage])
+            giou = weighted_mean(giou_loss(decoded, pos_boxes), None, len(labels))
+            losses['loss_bbox'] = self.bbox_loss_weight * giou
+        else:
+            losses['loss_bbox'] = deltas[positive].sum()
+        return losses
+
+    def mask_loss(
+            self, stage: int, feats: Sequence[torch.Tensor], samplings: Sequence[Sampling], targets: Sequence[dict],
+            mask_size: int = 28,
+    ) -> torch.Tensor:
+        """mmdet's FCNMaskHead.loss: binary cross entropy of each positive's mask logits of its class against
+        its ground-truth mask resampled to the box (``mask_targets``), averaged over all pixels."""
+        pos_boxes = [s.candidates[s.pos_inds] for s in samplings]
+        rois = torch.cat([F.pad(b, (1, 0), value=float(i)) for i, b in enumerate(pos_boxes)])
+        logits = self.mask_head[stage](roi_features(feats, rois, 14)).float()
+        if len(rois) == 0:
+            return logits.sum()
+        labels = torch.cat([t['labels'][s.pos_gt_inds] for s, t in zip(samplings, targets)]).to(rois.device)
+        expected = torch.cat([mask_targets(t['masks'].to(rois.device), b, s.pos_gt_inds, mask_size)
+                              for b, s, t in zip(pos_boxes, samplings, targets)])
+        return F.binary_cross_entropy_with_logits(logits[torch.arange(len(labels), device=rois.device), labels],
+                                                  expected)
+
+    @torch.no_grad()
+    def next_stage_boxes(
+            self, stage: int, rois: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
+            samplings: Sequence[Sampling], image_sizes: Sequence[Tuple[int, int]],
+    ) -> List[torch.Tensor]:
+        """mmdet's BBoxHead.refine_bboxes: per image, the sampled rois moved by this stage's deltas (target
+        class for positives, best non-background class otherwise), clipped, the added ground truth left out."""
+        labels = torch.where(labels == self.num_classes, logits[:, :-1].argmax(dim=1), labels)
+        moved = self.regress_by_class(stage, rois, labels, deltas, image_sizes)
+        keep = torch.cat([torch.cat([~s.pos_is_gt, torch.ones_like(s.neg_inds, dtype=torch.bool)]) for s in samplings])
+        counts = [len(s.pos_inds) + len(s.neg_inds) - int(s.pos_is_gt.sum()) for s in samplings]
+        return list(moved[keep, 1:].split(counts))
 
     def multiclass_nms(
             self, boxes: torch.Tensor, scores: torch.Tensor,

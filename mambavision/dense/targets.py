@@ -13,7 +13,7 @@ import torch
 from torchvision.ops import roi_align
 
 __all__ = [
-    'MaxIoUAssigner', 'RandomSampler', 'Sampling', 'assign_and_sample', 'box_iou', 'inside_image',
+    'MaxIoUAssigner', 'RandomSampler', 'Sampling', 'assign_and_sample', 'box_iou', 'check_targets', 'inside_image',
     'mask_targets', 'stage_parts', 'train_config', 'DEFAULT_TRAIN_CFG',
 ]
 
@@ -236,3 +236,33 @@ def stage_parts(cfg: dict) -> Tuple[MaxIoUAssigner, RandomSampler]:
     """A training stage's settings (mmdet's names) -> its assigner and sampler."""
     return MaxIoUAssigner(**cfg['assigner']), RandomSampler(**cfg['sampler'])
 
+
+
+def check_targets(targets, num_images: int, padded_size: Tuple[int, int], num_classes: int) -> list:
+    """Training targets in torchvision's form, checked: one dict per image with ``boxes`` (N, 4), ``labels``
+    (N,) in 0..num_classes-1, ``image_size`` (h, w) within the padded batch and ``masks`` (N, h, w) in
+    every image or in none. Returns the image sizes; a bad entry raises one line naming it."""
+    if len(targets) != num_images:
+        raise ValueError(f'targets needs one dict per image: got {len(targets)} for a batch of {num_images}')
+    with_masks = 'masks' in targets[0] if targets else False
+    sizes = []
+    for i, target in enumerate(targets):
+        missing = [k for k in ('boxes', 'labels', 'image_size') if k not in target]
+        if missing:
+            raise ValueError(f'targets[{i}] has no {", ".join(missing)}: expected boxes, labels, image_size [, masks]')
+        boxes, labels = target['boxes'], target['labels']
+        h, w = (int(v) for v in target['image_size'])
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (len(boxes),):
+            raise ValueError(f'targets[{i}]: boxes must be (N, 4) and labels (N,), got {tuple(boxes.shape)} '
+                             f'and {tuple(labels.shape)}')
+        if len(labels) and (labels.is_floating_point() or labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f'targets[{i}]: labels must be integers in 0..{num_classes - 1}, got {labels.tolist()}')
+        if not (0 < h <= padded_size[0] and 0 < w <= padded_size[1]):
+            raise ValueError(f'targets[{i}]: image_size {(h, w)} is not inside the padded batch {tuple(padded_size)}')
+        if ('masks' in target) != with_masks:
+            raise ValueError(f'targets[{i}]: masks must be given for every image of a batch or for none')
+        if with_masks and tuple(target['masks'].shape) != (len(boxes), h, w):
+            raise ValueError(f'targets[{i}]: masks must be (N, h, w) = {(len(boxes), h, w)}, '
+                             f'got {tuple(target["masks"].shape)}')
+        sizes.append((h, w))
+    return sizes
