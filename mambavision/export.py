@@ -20,7 +20,7 @@ from torch import nn
 __all__ = ['export_onnx', 'onnx_session', 'max_onnx_difference']
 
 DEFAULT_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = 'input', 'output'
+INPUT_NAME, OUTPUT_NAME = 'images', 'logits'  # the graph's tensor names, the command line's and the README's too
 
 
 def export_onnx(
@@ -31,7 +31,7 @@ def export_onnx(
         dynamic: bool = True,
         batch_size: int = 1,
 ) -> str:
-    """Write ``model`` (put in eval mode) to ``path`` as ONNX: 'input' (B, C, H, W) -> 'output'.
+    """Write ``model`` (put in eval mode) to ``path`` as ONNX: 'images' (B, C, H, W) -> 'logits'.
 
     With ``dynamic``, batch, height and width are free in the graph; otherwise they are
     fixed to ``batch_size`` x ``img_size``. Models over 2 GB (L3) keep their weights in

@@ -88,6 +88,7 @@ def test_onnx_graph_is_standard_ops_with_dynamic_axes(exported_test_model):
     assert {node.domain for node in graph.node} <= {'', 'ai.onnx'}  # no custom op left
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ['batch', 3, 'height', 'width']
+    assert [t.name for t in graph.input] == ['images'] and [t.name for t in graph.output] == ['logits']  # README
 
 
 def test_default_exporter_also_works(tmp_path):
@@ -144,7 +145,10 @@ def test_export_command_end_to_end(tmp_path, capsys):
     assert f'wrote {out}' in printed and 'dynamic batch/height/width' in printed
     diff = float(printed.rsplit('max abs difference ', 1)[1].split()[0])
     assert 0 <= diff < 1e-4
-    assert _rel_difference(onnx_session(out), model, (2, 3, 50, 90)) < REL_TOL  # the checkpoint's weights
+    session = onnx_session(out)
+    assert _rel_difference(session, model, (2, 3, 50, 90)) < REL_TOL  # the checkpoint's weights
+    assert [t.name for t in session.get_inputs()] == ['images']
+    assert [t.name for t in session.get_outputs()] == ['logits']
 
 
 def test_export_command_static_opset(tmp_path, capsys):
