@@ -144,6 +144,7 @@ class CascadeMaskRCNN(nn.Module):
             ``losses.total_loss`` sums the losses. Settings: ``self.train_cfg``.
         """
         image_sizes = check_targets(targets, len(inputs), inputs.shape[-2:], self.roi_head.num_classes)
+        targets = [{k: v.to(inputs.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         cfg = self.train_cfg
         feats = self.extract_features(inputs)
         logits, deltas = self.rpn_head(feats)

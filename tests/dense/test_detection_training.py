@@ -192,3 +192,14 @@ def test_bad_targets_are_named(fixture_model, change, message):
     change(targets)
     with pytest.raises(ValueError, match=message):
         fixture_model.loss(inputs, targets)
+
+
+def test_losses_are_float32_under_bfloat16_autocast():
+    """The training engine's CPU autocast: the heads' outputs are upcast before every loss."""
+    model = tiny_detector().train()
+    inputs, targets = small_batch()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        losses = model.loss(inputs, targets, generator=torch.Generator().manual_seed(0))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    total_loss(losses).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
