@@ -48,7 +48,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, random_seed
 
 from .runtime import amp_autocast, init_distributed, resolve_device
-from .weights import checkpoint_filter_fn, load_pretrained_file, read_checkpoint
+from .weights import checkpoint_classes, checkpoint_filter_fn, load_pretrained_file, read_checkpoint
 
 __all__ = ['OPTIONS', 'train', 'validate', 'resolve_config', 'load_config', 'load_checkpoint', 'save_checkpoint']
 
@@ -514,6 +514,7 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
     eval preprocessing, on the validation split (summed over the ranks of a torchrun launch)."""
     config = resolve_config(args)
     ds = _dataset(args, args.val_split, is_training=False)
+    names = None  # the class names a checkpoint of ours was trained on
     if args.pretrained:
         model = timm.create_model(args.model, pretrained=True, **({'num_classes': args.num_classes} if args.num_classes else {}))
     else:
@@ -521,8 +522,10 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
         if args.ema and not checkpoint.get('state_dict_ema'):
             raise ValueError(f'--ema: {args.checkpoint} holds no EMA weights')
         state_dict = checkpoint_filter_fn(checkpoint['state_dict_ema'] if args.ema else checkpoint)
-        head = state_dict.get('head.fc.weight')
-        num_classes = args.num_classes or (head.shape[0] if head is not None else 0)
+        num_classes, names = checkpoint_classes(checkpoint)
+        if args.num_classes and args.num_classes != num_classes:
+            raise ValueError(
+                f'--num-classes {args.num_classes}: {args.checkpoint} has a {num_classes}-class classifier')
         model = timm.create_model(args.model, num_classes=num_classes)
         if args.ema:
             model.load_state_dict(state_dict)
@@ -531,6 +534,10 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
     classes = _class_names(ds)
     if classes and len(classes) != model.num_classes:
         raise ValueError(f'{args.data_dir} has {len(classes)} class folders in {args.val_split}, the model {model.num_classes} classes')
+    if classes and names and names[:len(classes)] != classes:
+        first = next(i for i, (a, b) in enumerate(zip(classes, names)) if a != b)
+        raise ValueError(f'{args.data_dir}: class {first} is {classes[first]!r} in {args.val_split}, '
+                         f'{names[first]!r} in {args.checkpoint}: the folders must be the classes it was trained on')
     data_config = resolve_data_config({k: v for k, v in config['data'].items() if v is not None}, model=model)
     loader = _loader(ds, data_config, args.batch_size, False, args, device)
     model.to(device)
