@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import create_dense_backbone
-from . import load_published_model, unknown_name_error
+from ..published import published_models
+from .factory import load_published_model, published_entry
 from .classes import COCO_CLASSES, COCO_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
@@ -172,17 +173,11 @@ class CascadeMaskRCNN(nn.Module):
         return predict_images(self, as_rgb_images(images), self.transform, batch_size, self)
 
 
-# name -> (the dense backbone tag: architecture, windows and published file; box AP, mask AP)
-_PUBLISHED = {
-    'cascade_mask_rcnn_mambavision_t.nv_coco': ('mambavision_t.nv_coco', 51.1, 44.3),
-    'cascade_mask_rcnn_mambavision_s.nv_coco': ('mambavision_s.nv_coco', 52.3, 45.2),
-    'cascade_mask_rcnn_mambavision_b.nv_coco': ('mambavision_b.nv_coco', 52.8, 45.7),
-}
 
 
 def list_detectors() -> List[str]:
-    """Names ``create_detector`` accepts."""
-    return list(_PUBLISHED)
+    """The published detectors' names, which ``create_detector`` accepts (also without their tag)."""
+    return [m.name for m in published_models('det')]
 
 
 def create_detector(
@@ -192,15 +187,13 @@ def create_detector(
     """A published Cascade Mask R-CNN (see ``list_detectors()``), in eval mode.
 
     Args:
-        name: e.g. 'cascade_mask_rcnn_mambavision_t.nv_coco'.
+        name: e.g. 'cascade_mask_rcnn_mambavision_t.nv_coco' (or 'cascade_mask_rcnn_mambavision_t').
         pretrained: download the published weights (Hugging Face; cached).
         checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
         backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
         kwargs: ``CascadeMaskRCNN`` arguments (e.g. ``test_scale``).
     """
-    if name not in _PUBLISHED:
-        raise unknown_name_error('detector', name, list(_PUBLISHED))
-    backbone, box_ap, mask_ap = _PUBLISHED[name]
-    model = CascadeMaskRCNN(create_dense_backbone(backbone, **(backbone_kwargs or {})), **kwargs)
-    return load_published_model(model, backbone, checkpoint_path, pretrained, 'Cascade Mask R-CNN', 'roi_head',
-                                dict(box_ap=box_ap, mask_ap=mask_ap))
+    entry = published_entry('det', name)
+    kwargs = {'test_scale': entry.test_scale, **kwargs}
+    model = CascadeMaskRCNN(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
+    return load_published_model(model, entry, checkpoint_path, pretrained)

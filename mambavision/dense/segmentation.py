@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import create_dense_backbone
-from . import load_published_model, unknown_name_error
+from ..published import published_models
+from .factory import load_published_model, published_entry
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
@@ -272,18 +273,11 @@ class UPerNet(nn.Module):
         return dict(logits=logits.cpu(), labels=_argmax_classes(logits).cpu())
 
 
-# name -> (the dense backbone tag: architecture, windows and published file; test scale, mIoU)
-_PUBLISHED = {
-    'upernet_mambavision_t.nv_ade20k': ('mambavision_t.nv_ade20k', (2048, 512), 46.0),
-    'upernet_mambavision_s.nv_ade20k': ('mambavision_s.nv_ade20k', (2048, 512), 48.2),
-    'upernet_mambavision_b.nv_ade20k': ('mambavision_b.nv_ade20k', (2048, 512), 49.1),
-    'upernet_mambavision_l3.nv_in21k_ade20k_640': ('mambavision_l3_256.nv_in21k_ade20k_640', (2560, 640), 53.2),
-}
 
 
 def list_segmenters() -> List[str]:
-    """Names ``create_segmenter`` accepts."""
-    return list(_PUBLISHED)
+    """The published segmenters' names, which ``create_segmenter`` accepts (also without their tag)."""
+    return [m.name for m in published_models('seg')]
 
 
 def create_segmenter(
@@ -293,18 +287,15 @@ def create_segmenter(
     """A published UPerNet (see ``list_segmenters()``), in eval mode.
 
     Args:
-        name: e.g. 'upernet_mambavision_t.nv_ade20k'.
+        name: e.g. 'upernet_mambavision_t.nv_ade20k' (or 'upernet_mambavision_t').
         pretrained: download the published weights (Hugging Face; cached).
         checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
         backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
         kwargs: ``UPerNet`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
             load into everything but the two 1x1 classifiers, which stay freshly initialised).
     """
-    if name not in _PUBLISHED:
-        raise unknown_name_error('segmenter', name, list(_PUBLISHED))
-    backbone, test_scale, miou = _PUBLISHED[name]
+    entry = published_entry('seg', name)
     ade20k = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE) if kwargs.get('num_classes', 150) == 150 else {}
-    kwargs = {'test_scale': test_scale, **ade20k, **kwargs}
-    model = UPerNet(create_dense_backbone(backbone, **(backbone_kwargs or {})), **kwargs)
-    return load_published_model(model, backbone, checkpoint_path, pretrained, 'UPerNet segmenter', 'decode_head',
-                                dict(miou=miou), class_specific=('.conv_seg.',))
+    kwargs = {'test_scale': entry.test_scale, **ade20k, **kwargs}
+    model = UPerNet(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
+    return load_published_model(model, entry, checkpoint_path, pretrained, class_specific=('.conv_seg.',))
