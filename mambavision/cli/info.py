@@ -10,6 +10,8 @@ __all__ = ['add_arguments_info', 'run_info', 'gather_info']
 GMACS_NOTE = ('GMACs: 1e9 multiply-accumulates per image at input_size (what the paper calls FLOPs; '
               'GFLOPs = 2 x GMACs), counted by torch FlopCounterMode, attention matmuls included')
 
+METRIC_NAMES = {'box_ap': 'box AP', 'mask_ap': 'mask AP', 'miou': 'mIoU'}
+
 
 def add_arguments_info(parser: argparse.ArgumentParser):
     parser.add_argument('--json', action='store_true', help='print one JSON object')
@@ -53,6 +55,7 @@ def gather_info() -> Dict[str, Any]:
 
     import mambavision
     from mambavision.factory import model_complexity
+    from mambavision.published import published_models
 
     models = []
     for name in timm.list_models('mambavision*'):
@@ -62,12 +65,16 @@ def gather_info() -> Dict[str, Any]:
         models.append(dict(name=name, params=params, input_size=list(cfg.input_size), gmacs=round(macs / 1e9, 3),
                            pretrained_tags=tags, weights_license=cfg.license))
     models.sort(key=lambda m: (m['params'], m['input_size']))
+    dense_models = [dict(name=m.name, task=m.task, backbone=m.backbone_tag, dataset=m.dataset, metrics=m.metrics,
+                         hf_repo=m.hf_repo, file=m.hf_file, weights_license=m.license)
+                    for m in published_models()]
     devices = _devices()
     return dict(
         versions=dict(mambavision=mambavision.__version__, torch=torch.__version__, timm=timm.__version__,
                       python=platform.python_version(), mamba_ssm=_dist_version('mamba-ssm'),
                       triton=_dist_version('triton'), cuda=torch.version.cuda),
-        device='cuda' if 'cuda' in devices else 'cpu', devices=devices, models=models, gmacs_note=GMACS_NOTE)
+        device='cuda' if 'cuda' in devices else 'cpu', devices=devices, models=models, dense_models=dense_models,
+        gmacs_note=GMACS_NOTE)
 
 
 def _print_info(report: Dict[str, Any]):
@@ -89,6 +96,10 @@ def _print_info(report: Dict[str, Any]):
         print(f"{m['name']:20s} {m['params'] / 1e6:8.1f}M {m['input_size'][-1]:7d} {m['gmacs']:8.2f}  "
               f"{', '.join(m['pretrained_tags'])}")
     print(f"\n{report['gmacs_note']}.")
+    print(f"\n{'detector / segmenter':44s} {'backbone tag':40s} published result")
+    for m in report['dense_models']:
+        result = ', '.join(f'{METRIC_NAMES[k]} {v}' for k, v in m['metrics'].items())
+        print(f"{m['name']:44s} {m['backbone']:40s} {result} ({m['dataset']})")
     print(f"Licences: the published weights {', '.join(sorted({m['weights_license'] for m in models}))} "
           f"(non-commercial), this library's code Apache-2.0.")
 
