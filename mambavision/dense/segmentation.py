@@ -12,7 +12,9 @@ published tensor names itself).
 train mode it gives ``(decode_logits, aux_logits)``, and ``seg.loss(x, target)`` forms mmseg's
 training loss from them.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +22,16 @@ from torch import nn
 
 from ..model import create_dense_backbone
 from ..published import published_models
-from .factory import load_published_model, published_entry
+from .factory import load_published_model, published_entry, published_file
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
 from .predict import predict_images
 from .transform import ImageTransform
 
-__all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'create_segmenter', 'list_segmenters']
+__all__ = ['UPerNet', 'UPerHead', 'FCNHead', 'create_segmenter', 'list_segmenters', 'segmenter_for_training']
+
+_logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 AUX_LOSS_WEIGHT = 0.4
@@ -299,3 +303,66 @@ def create_segmenter(
     kwargs = {'test_scale': entry.test_scale, **ade20k, **kwargs}
     model = UPerNet(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
     return load_published_model(model, entry, checkpoint_path, pretrained, class_specific=('.conv_seg.',))
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+
+TRAIN_DROP_PATH_RATE = 0.2  # what every published run trained with (the configs' values never reached the backbone)
+
+
+def segmenter_for_training(
+        name: str, num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+        palette: Optional[Sequence[Sequence[int]]] = None, pretrained: Union[bool, str] = False,
+        backbone_weights: Optional[str] = None, drop_path_rate: float = TRAIN_DROP_PATH_RATE, dropout: float = 0.1,
+        backbone_kwargs: Optional[dict] = None, **kwargs,
+) -> UPerNet:
+    """A UPerNet to fine-tune as the published runs trained, in train mode; its starting point logged in one line.
+
+    Args:
+        name: a published segmenter ('upernet_mambavision_t.nv_ade20k') or its architecture ('upernet_mambavision_t').
+        num_classes: classes to learn (default: as many as ``class_names``, else ADE20K's 150).
+        class_names, palette: names and RGB colours of the classes (default: ADE20K's for 150 classes).
+        pretrained: start from a whole segmenter: True for the published weights of ``name``, or a local file
+            (a published checkpoint, a saved ``state_dict`` or a training checkpoint of ours). With another class
+            count the classifiers of both heads (``conv_seg``) start fresh, everything else loads.
+        backbone_weights: start from ImageNet weights in the backbone, as the published training did: a
+            classification tag ('mambavision_t.nv_in1k') or a local classification file; the out-norms and
+            both heads start fresh.
+        drop_path_rate: the backbone's stochastic depth, rising linearly over the blocks (0.2 as published).
+        dropout: Dropout2d before both classifiers (0.1 as published).
+        backbone_kwargs, kwargs: ``create_segmenter``'s (e.g. a smaller backbone for tests).
+    """
+    if pretrained and backbone_weights:
+        raise ValueError('start from a pretrained segmenter or from backbone weights, not both')
+    name = published_entry('seg', name).name
+    num_classes = num_classes or (len(class_names) if class_names else 150)
+    classes = {k: v for k, v in dict(class_names=class_names, palette=palette).items() if v is not None}
+    model = create_segmenter(
+        name, pretrained=pretrained is True, checkpoint_path=pretrained if isinstance(pretrained, str) else None,
+        backbone_kwargs=dict(backbone_kwargs or {}, drop_path_rate=drop_path_rate), num_classes=num_classes,
+        dropout=dropout, **classes, **kwargs)
+    if pretrained:
+        fresh = model.published.get('fresh', [])
+        note = f'weights of {pretrained if isinstance(pretrained, str) else name} loaded' + (
+            f'; {" and ".join(sorted({n.rsplit(".", 1)[0] for n in fresh}))} start fresh ({num_classes} classes)'
+            if fresh else '')
+    elif backbone_weights:
+        _load_backbone_weights(model.backbone, backbone_weights)
+        note = f'backbone weights of {backbone_weights} loaded; out-norms and both heads start fresh'
+    else:
+        note = 'random weights (neither pretrained nor backbone weights given)'
+    _logger.info(f'{name}: {note}')
+    return model.train()
+
+
+def _load_backbone_weights(backbone: nn.Module, source: str) -> None:
+    """Classification weights (a timm tag such as 'mambavision_t.nv_in1k', or a local file) into a dense backbone."""
+    from ..weights import download_weights, load_pretrained_file
+    if not os.path.isfile(source):
+        import timm
+        if '.' not in source or timm.models.get_pretrained_cfg(source) is None:
+            raise ValueError(f'backbone weights {source!r}: no such file, nor a published tag such as '
+                             f'mambavision_t.nv_in1k')
+        source = download_weights(*published_file(source))
+    load_pretrained_file(backbone, source, headless=True)  # the classifier has no place in a dense backbone
