@@ -233,6 +233,9 @@ def test_dataset_items_are_deterministic_per_seed_epoch_and_index(folder):
     assert len(draws) > 1  # another epoch, other draws
     plain = SegmentationDataset(segmentation_split(str(folder)))[2]
     assert plain[0].shape == (3, 24, 16) and plain[1].shape == (24, 16)  # no pipeline: the whole image
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=partial(collate_segmentation, size=(16, 16)))
-    inputs, labels = next(iter(loader))
+    dataset.epoch = 1
+    collate = partial(collate_segmentation, size=(16, 16))
+    in_process = collate([dataset[i] for i in range(3)])
+    inputs, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate, num_workers=1)))
     assert inputs.shape == (3, 3, 16, 16) and labels.shape == (3, 16, 16)
+    assert torch.equal(inputs, in_process[0]) and torch.equal(labels, in_process[1])  # the same draws in a worker
