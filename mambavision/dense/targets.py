@@ -110,12 +110,15 @@ class MaxIoUAssigner:
         gt_inds[positive] = argmax_overlaps[positive] + 1
         if self.match_low_quality:
             gt_max_overlaps, gt_argmax_overlaps = overlaps.max(dim=1)
-            for i in range(len(gt_boxes)):  # in order: a later box wins a candidate two boxes overlap most
-                if gt_max_overlaps[i] >= self.min_pos_iou:
-                    if self.gt_max_assign_all:
-                        gt_inds[overlaps[i] == gt_max_overlaps[i]] = i + 1
-                    else:
-                        gt_inds[gt_argmax_overlaps[i]] = i + 1
+            if self.gt_max_assign_all:
+                best = overlaps == gt_max_overlaps[:, None]
+            else:
+                best = torch.zeros_like(overlaps, dtype=torch.bool)
+                best[torch.arange(len(gt_boxes), device=best.device), gt_argmax_overlaps] = True
+            best &= (gt_max_overlaps >= self.min_pos_iou)[:, None]
+            # mmdet goes through the boxes in order, so the last box that overlaps a candidate most wins it
+            last = (best * torch.arange(1, len(gt_boxes) + 1, device=best.device)[:, None]).max(dim=0).values
+            gt_inds = torch.where(last > 0, last, gt_inds)
         return gt_inds
 
 

@@ -49,6 +49,37 @@ def test_assigner_later_ground_truth_wins_a_shared_best_candidate():
     candidates = boxes([0, 0, 10, 10.2], [50, 50, 60, 60])
     assigner = MaxIoUAssigner(pos_iou_thr=0.99, neg_iou_thr=0.3, min_pos_iou=0.3)
     assert assigner(candidates, gt).tolist() == [2, 0]
+    assigner.gt_max_assign_all = False
+    assert assigner(candidates, gt).tolist() == [2, 0]
+
+
+def loop_assign(assigner: MaxIoUAssigner, candidates, gt):
+    """mmdet's assign_wrt_overlaps as written: thresholds, then each ground-truth box in turn."""
+    overlaps = box_iou(gt, candidates)
+    max_overlaps, argmax = overlaps.max(dim=0)
+    gt_inds = torch.full((len(candidates),), -1)
+    gt_inds[max_overlaps < assigner.neg_iou_thr] = 0
+    gt_inds[max_overlaps >= assigner.pos_iou_thr] = argmax[max_overlaps >= assigner.pos_iou_thr] + 1
+    for i in range(len(gt)):
+        if overlaps[i].max() >= assigner.min_pos_iou:
+            if assigner.gt_max_assign_all:
+                gt_inds[overlaps[i] == overlaps[i].max()] = i + 1
+            else:
+                gt_inds[overlaps[i].argmax()] = i + 1
+    return gt_inds
+
+
+@pytest.mark.parametrize('assign_all', [True, False])
+def test_assigner_equals_the_loop_it_vectorises(assign_all):
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 20, (300, 2), generator=gen).float()
+    candidates = torch.cat([xy, xy + torch.randint(1, 12, (300, 2), generator=gen)], 1)
+    gt = candidates[torch.randint(0, 300, (12,), generator=gen)] + torch.randint(-2, 3, (12, 4), generator=gen)
+    gt[:, 2:] = torch.max(gt[:, 2:], gt[:, :2] + 1)
+    gt = torch.cat([gt, gt[:4]])  # repeated boxes contend for the same best candidates: the later wins
+    candidates = torch.cat([candidates, gt[:6], gt[:6]])  # candidates twice: ties for a box's best
+    assigner = MaxIoUAssigner(0.7, 0.3, 0.3, gt_max_assign_all=assign_all)
+    assert torch.equal(assigner(candidates, gt), loop_assign(assigner, candidates, gt))
 
 
 def test_assigner_without_ground_truth_makes_every_candidate_negative():
