@@ -62,13 +62,33 @@ def _merge(default: Any, override: Any, path: str) -> Any:
     return override
 
 
-def train_config(overrides: Optional[dict] = None) -> Dict[str, Any]:
-    """The published training settings with ``overrides`` (mmdet's nested names) put in.
+def _set_dotted(cfg: Dict[str, Any], name: str, value: Any) -> None:
+    """In place: the setting at mmengine's dotted ``name`` ('rcnn.0.sampler.num': list items by index) = value."""
+    parts = name.split('.')
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+        if isinstance(node, list) and not (isinstance(key, int) and key < len(node)) or (
+                isinstance(node, dict) and key not in node) or not isinstance(node, (dict, list)):
+            raise ValueError(f'train_cfg: unknown setting {name!r}')
+        if depth == len(parts) - 1:
+            node[key] = _merge(node[key], value, name + '.')
+        node = node[key]
 
-    e.g. ``train_config({'rpn': {'sampler': {'num': 512}}, 'rcnn': [{'sampler': {'num': 10**6}}] * 3})``;
-    mmdet's ``type``/``debug``/``ignore_iof_thr`` entries are accepted and mean nothing here.
+
+def train_config(overrides: Optional[dict] = None) -> Dict[str, Any]:
+    """The published training settings with ``overrides`` (mmdet's names) put in.
+
+    Nested, e.g. ``{'rpn': {'sampler': {'num': 512}}, 'rcnn': [{'sampler': {'num': 10**6}}] * 3}``, or
+    dotted as mmengine's ``--cfg-options`` writes them, e.g. ``{'rcnn.0.sampler.num': 1024}``; mmdet's
+    ``type``/``debug``/``ignore_iof_thr`` entries are accepted and mean nothing here.
     """
-    return _merge(DEFAULT_TRAIN_CFG, overrides or {}, '')
+    overrides = overrides or {}
+    cfg = _merge(DEFAULT_TRAIN_CFG, {k: v for k, v in overrides.items() if '.' not in k}, '')
+    for name, value in overrides.items():
+        if '.' in name:
+            _set_dotted(cfg, name, value)
+    return cfg
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

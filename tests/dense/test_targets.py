@@ -162,6 +162,13 @@ def test_train_config_takes_mmdets_names():
     assert [stage['sampler']['num'] for stage in cfg['rcnn']] == [7, 512, 512]
     assert [stage['assigner']['pos_iou_thr'] for stage in cfg['rcnn']] == [0.5, 0.6, 0.7]
     assert DEFAULT_TRAIN_CFG['rpn']['sampler']['num'] == 256  # the defaults are not changed
+    dotted = train_config({'rcnn.1.sampler.num': 9, 'rpn.assigner': {'pos_iou_thr': 0.8}, 'rpn_proposal.nms_pre': 1})
+    assert [stage['sampler']['num'] for stage in dotted['rcnn']] == [512, 9, 512]
+    assert dotted['rpn']['assigner'] == dict(DEFAULT_TRAIN_CFG['rpn']['assigner'], pos_iou_thr=0.8)
+    assert dotted['rpn_proposal']['nms_pre'] == 1
+    for bad in ('rcnn.3.sampler.num', 'rpn.sampler.num.x', 'rcnn.first.mask_size', 'rpn_proposal.nms.iou'):
+        with pytest.raises(ValueError, match=f'unknown setting {bad!r}'):
+            train_config({bad: 1})
     with pytest.raises(ValueError, match=r"unknown setting 'rpn.sampler.size'"):
         train_config({'rpn': {'sampler': {'size': 3}}})
     with pytest.raises(ValueError, match='rcnn needs 3 entries'):
