@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ['UserError', 'one_line', 'resolve_device', 'amp_dtype', 'amp_autocast', 'init_distributed']
+__all__ = ['UserError', 'one_line', 'check_output_folder', 'resolve_device', 'amp_dtype', 'amp_autocast',
+           'init_distributed']
 
 
 class UserError(ValueError):
@@ -21,6 +22,12 @@ def one_line(e: BaseException) -> str:
     """The first non-empty line of ``e``'s message (its type name when it has none)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+def check_output_folder(path: str, flag: str = '--output'):
+    """A one-line ``UserError`` when ``path``, a folder to write into (created if needed), is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a file; expected a folder (created when it does not exist)')
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

@@ -186,4 +186,5 @@ def test_export_command_refuses_random_weights_unless_asked(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc != 0 and not (tmp_path / 'm.onnx').exists()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and 'no pretrained weights are published' in lines[0] and '--random-weights' in lines[0]
+    assert len(lines) == 1 and 'no weights are published for test_mambavision' in lines[0]
+    assert '--random-weights' in lines[0]

@@ -57,6 +57,17 @@ def int_at_least(minimum: int):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line, ``mambavision <command>: error: <message> (...--help...)``,
+    named after the command even when the top-level parser reports them (an unknown option after a command)."""
+
+    command_prog: Optional[str] = None
+
+    def error(self, message: str):
+        prog = self.command_prog or self.prog
+        self.exit(2, f'{prog}: error: {message} (`{prog} --help` lists the options)\n')
+
+
 def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     """The parser, with the arguments of ``command`` only (its module is imported; the others are not)."""
     import mambavision
@@ -64,9 +75,8 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                        help='show the full traceback on errors (also MAMBAVISION_DEBUG=1)')
-    parser = argparse.ArgumentParser(
-        prog='mambavision', parents=[debug],
-        description='MambaVision backbones for PyTorch and timm.')
+    parser = _Parser(prog='mambavision', parents=[debug], description='MambaVision backbones for PyTorch and timm.')
+    parser.command_prog = f'mambavision {command}' if command else None
     parser.add_argument('--version', action='version', version=f'mambavision {mambavision.__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name, (module, help) in COMMANDS.items():

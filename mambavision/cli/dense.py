@@ -4,8 +4,9 @@
 class index, colors = the model's palette) and ``<stem>_overlay.png`` (the colors on the image,
 with a legend of the classes present). ``detect`` writes per image ``<stem>_detections.png``
 (masks, boxes and "class score" drawn) and ``<stem>_detections.json`` (COCO results; ``image_id``
-is the image's position on the command line, from 0). Neither runs random weights: without
-``--checkpoint`` the published weights are downloaded (or taken from the cache), else it fails.
+is the image's position among the inputs, from 0). The weights: ``--checkpoint FILE``, else the published ones
+(from the Hugging Face cache, or downloaded into it); when those cannot be had, one line says which file to
+download and where it goes. ``--random-weights`` runs the model untrained (to try the command offline).
 """
 import argparse
 import json
@@ -20,9 +21,11 @@ from mambavision.dense.evaluate import (
     COCO_CATEGORY_IDS, ade20k_samples, coco_image_paths, coco_results, evaluate_detector, evaluate_segmenter, load_coco,
 )
 from mambavision.dense.image import as_rgb_images
-from mambavision.dense.visualize import class_shares, draw_detections, format_share, label_map_image, segmentation_overlay
-from mambavision.images import open_image
-from mambavision.runtime import UserError, amp_autocast, one_line, resolve_device
+from mambavision.dense.visualize import (
+    class_shares, draw_detections, format_share, label_map_image, segmentation_overlay,
+)
+from mambavision.images import image_files, open_image
+from mambavision.runtime import UserError, amp_autocast, check_output_folder, one_line, resolve_device
 
 __all__ = ['add_arguments_segment', 'run_segment', 'add_arguments_detect', 'run_detect', 'validate_dense']
 
@@ -30,37 +33,54 @@ DEFAULT_SEGMENTER = 'upernet_mambavision_t.nv_ade20k'
 DEFAULT_DETECTOR = 'cascade_mask_rcnn_mambavision_t.nv_coco'
 
 
-def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: Optional[torch.device] = None):
-    """The segmenter ('seg') or detector ('det') ``name`` with a local ``checkpoint`` or the published weights,
-    in eval mode on ``device``; every failure is a one-line ``UserError``."""
+def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: Optional[torch.device] = None,
+                       random_weights: bool = False, random_flag: Optional[str] = '--random-weights'):
+    """The segmenter ('seg') or detector ('det') ``name`` with a local ``checkpoint``, the published weights
+    (cache or hub), or (``random_weights``) random ones, in eval mode on ``device``; every failure is one line
+    (published weights that cannot be had: which file to download, and ``--checkpoint`` or ``random_flag``)."""
     import mambavision
+    from mambavision.factory import fetch_published_weights
 
     factory = mambavision.create_segmenter if task == 'seg' else mambavision.create_detector
     if checkpoint and not os.path.isfile(checkpoint):
         raise UserError(f'checkpoint not found: {checkpoint}')
     try:
-        model = factory(name, pretrained=not checkpoint, checkpoint_path=checkpoint)
+        if random_weights:
+            command = 'segment' if task == 'seg' else 'detect'
+            print(f'mambavision {command}: RANDOM weights (--random-weights): the outputs mean nothing',
+                  file=sys.stderr)
+        elif not checkpoint:
+            with torch.device('meta'):  # the published file's name, without building the model
+                published = getattr(factory(name), 'published', None)
+            if published:
+                checkpoint = fetch_published_weights(name, published['hf_repo'], published['file'], '--checkpoint',
+                                                     random_flag)
+        model = factory(name, pretrained=not (checkpoint or random_weights), checkpoint_path=checkpoint)
     except ValueError as e:  # unknown name (with close names), bad option
         raise UserError(one_line(e)) from None
-    except (RuntimeError, OSError) as e:  # no download (offline), unreadable or mismatched weight file
-        hint = '' if checkpoint else ' (--checkpoint FILE runs a local copy of the published file)'
-        raise UserError(f'{one_line(e)}{hint}') from None
+    except (RuntimeError, OSError) as e:  # unreadable or mismatched weight file
+        raise UserError(one_line(e)) from None
     return model.eval().to(device or 'cpu')
 
 
 def _add_common(parser: argparse.ArgumentParser, default_model: str):
-    parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+    parser.add_argument('images', nargs='+', metavar='IMAGE',
+                        help='image files or folders (searched recursively for .jpg, .png, ... files)')
     parser.add_argument('--model', default=default_model, help=f'model name (default {default_model})')
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='local weight file: a published .pth (mmengine checkpoint) or our own saved weights')
+    parser.add_argument('--random-weights', action='store_true',
+                        help='run the model with random weights (no download; the outputs mean nothing)')
     parser.add_argument('--output', required=True, metavar='DIR', help='folder for the pictures (created if needed)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default cuda when available')
 
 
-def _read_images(paths: List[str]) -> Dict[str, str]:
-    """Output stem of each image path (its file stem, made unique); every image is checked to be readable."""
+def _read_images(paths: List[str], output: str) -> Dict[str, str]:
+    """Output stem of each image path (its file stem, made unique; folders give the images in them); every image
+    is checked to be readable, and ``output`` to be a folder or not yet there."""
+    check_output_folder(output)
     stems = {}
-    for path in paths:
+    for path in image_files(paths):
         open_image(path, decode=False)
         stem = Path(path).stem
         stems[path] = stem if stem not in stems.values() else f'{stem}_{len(stems)}'
@@ -79,9 +99,9 @@ def add_arguments_segment(parser: argparse.ArgumentParser):
 
 
 def run_segment(args) -> int:
-    stems = _read_images(args.images)
+    stems = _read_images(args.images, args.output)
     device = resolve_device(args.device)
-    model = create_dense_model('seg', args.model, args.checkpoint, device)
+    model = create_dense_model('seg', args.model, args.checkpoint, device, args.random_weights)
     os.makedirs(args.output, exist_ok=True)
     for path, stem in stems.items():
         image, result = _predict(model, path, return_logits=False)  # labels alone: no (classes, H, W) logits
@@ -102,9 +122,9 @@ def add_arguments_detect(parser: argparse.ArgumentParser):
 
 
 def run_detect(args) -> int:
-    stems = _read_images(args.images)
+    stems = _read_images(args.images, args.output)
     device = resolve_device(args.device)
-    model = create_dense_model('det', args.model, args.checkpoint, device)
+    model = create_dense_model('det', args.model, args.checkpoint, device, args.random_weights)
     # label -> COCO category id for the 80 COCO classes, else label + 1
     category_ids = COCO_CATEGORY_IDS if len(model.class_names) == len(COCO_CATEGORY_IDS) else \
         range(1, len(model.class_names) + 1)
@@ -152,7 +172,7 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
             image_paths = coco_image_paths(coco, str(split_dir if split_dir.is_dir() else args.data_dir))
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise UserError(one_line(e)) from None
-    model = create_dense_model(args.task, args.model, args.checkpoint, device)
+    model = create_dense_model(args.task, args.model, args.checkpoint, device, random_flag=None)
     header = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', task=args.task)
     options = dict(autocast=lambda: amp_autocast(device.type, args.amp), progress=_progress(f'validate {args.task}'))
     try:

@@ -101,9 +101,51 @@ def test_predict_sample_offline_warns_and_uses_random_weights(capsys):
     assert all(label == names.index_to_description(index) for _, _, label, index in top)
 
 
-def test_predict_require_weights_offline_fails(capsys):
-    rc = main(['predict', '--require-weights'])
-    _assert_one_line_error(rc, capsys.readouterr(), 'predict', 'unreachable', '--require-weights')
+def test_predict_images_offline_name_the_file_and_the_flags(image_file, capsys):
+    """Offline, predict on one's own images refuses random weights and says which file to download and where it
+    goes; --random-weights runs them, said in one line."""
+    rc = main(['predict', str(image_file)])
+    _assert_one_line_error(
+        rc, capsys.readouterr(), 'predict', 'mambavision_t.nv_in1k', 'the Hugging Face hub is unreachable',
+        'download mambavision_tiny_1k.pth.tar from https://huggingface.co/nvidia/MambaVision-T-1K and pass '
+        '--checkpoint mambavision_tiny_1k.pth.tar, or --random-weights')
+    assert main(['predict', str(image_file), '--model', 'test_mambavision', '--topk', '2']) == 1
+    _assert_one_line_error(1, capsys.readouterr(), 'predict', 'no weights are published for test_mambavision',
+                           '--checkpoint FILE', '--random-weights')
+    assert main(['predict', str(image_file), '--model', 'test_mambavision', '--random-weights', '--topk', '2']) == 0
+    captured = capsys.readouterr()
+    assert captured.err == 'mambavision predict: RANDOM weights (--random-weights): the outputs mean nothing\n'
+    assert len(_topk(captured.out)) == 2
+
+
+def test_predict_finds_the_published_weights_in_a_hand_made_hub_cache(tmp_path, image_file, capsys, monkeypatch):
+    """The README's offline recipe: the published file copied into a hand-made Hugging Face cache entry is used
+    offline, as if it had been downloaded."""
+    import shutil
+
+    model = timm.create_model('test_mambavision').eval()
+    with torch.no_grad():
+        model.head.fc.weight.mul_(300)
+    cache = tmp_path / 'hub'
+    entry = cache / 'models--nvidia--MambaVision-T-1K'
+    (entry / 'snapshots' / 'local').mkdir(parents=True)
+    (entry / 'refs').mkdir()
+    (entry / 'refs' / 'main').write_text('local')
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'mambavision_tiny_1k.pth.tar')
+    shutil.copy(tmp_path / 'mambavision_tiny_1k.pth.tar', entry / 'snapshots' / 'local')
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    # the published architecture is too slow for a test: its tag's weights go into the tiny model
+    cfg = timm.models.get_pretrained_cfg('mambavision_t.nv_in1k')
+    monkeypatch.setattr(factory, 'published_weights', lambda name: (cfg.hf_hub_id, cfg.hf_hub_filename))
+    assert main(['predict', str(image_file), '--model', 'test_mambavision', '--topk', '3']) == 0
+    captured = capsys.readouterr()
+    assert 'published weights of test_mambavision' in captured.err and 'RANDOM' not in captured.err
+    with torch.inference_mode():
+        x = create_transform(**resolve_model_data_config(model))(Image.open(image_file).convert('RGB'))
+        index = model(x[None]).argmax(-1).item()
+    assert _topk(captured.out)[0][3] == index
 
 
 def test_predict_checkpoint_weights_are_used(tmp_path, image_file, capsys):
@@ -129,7 +171,7 @@ def test_predict_checkpoint_weights_are_used(tmp_path, image_file, capsys):
 @pytest.mark.parametrize('argv, fragments', [
     (['predict', '{tmp}/missing.jpg'], ['image not found', 'missing.jpg']),
     (['predict', '{tmp}/notes.txt'], ['cannot read', 'notes.txt', 'as an image']),
-    (['predict', '{tmp}'], ['is a directory']),
+    (['predict', '{tmp}'], ['is a folder without image files']),
     (['predict', '--model', 'mambavision_tt'], ["unknown model 'mambavision_tt'", 'did you mean mambavision_t']),
     (['predict', '--model', 'mambavision_t.in21k'], ['unknown model', 'mambavision_t.nv_in1k']),
     (['benchmark', '--model', 'mambvision_s'], ['unknown model', 'mambavision_s']),
@@ -157,12 +199,76 @@ def test_unexpected_errors_one_line_or_traceback_with_debug(tmp_path, capsys, mo
         main(argv)
 
 
-def test_usage_errors_exit_2(capsys):
-    assert main(['benchmark', '--repeats', '0']) == 2
-    err = capsys.readouterr().err
-    assert 'usage: mambavision benchmark' in err and 'expected an integer >= 1' in err and 'Traceback' not in err
-    assert main([]) == 2
-    assert main(['predict', '--topk', 'many']) == 2
+@pytest.mark.parametrize('argv, message', [
+    (['benchmark', '--repeats', '0'], "benchmark: error: argument --repeats: expected an integer >= 1, got '0'"),
+    (['predict', '--topk', 'many'], "predict: error: argument --topk: expected an integer >= 1, got 'many'"),
+    (['predict', '--top-k'], 'predict: error: unrecognized arguments: --top-k'),
+    (['train', '--data-dir', 'd', '--lr', 'fast'], "train: error: argument --lr: invalid float value: 'fast'"),
+    ([], ': error: the following arguments are required: COMMAND'),
+])
+def test_usage_errors_are_one_line_naming_the_command(argv, message, capsys):
+    """A misspelt flag after a command, or a bad value, is one line naming the command (not a usage block)."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    prog = ' '.join(['mambavision'] + argv[:1])
+    assert captured.err == f'mambavision {message} (`{prog} --help` lists the options)\n'.replace(' :', ':')
+    assert captured.out == ''
+
+
+@pytest.mark.parametrize('command', ['train', 'validate'])
+def test_cuda_without_cuda_is_one_line(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    argv = [command, '--model', 'test_mambavision', '--data-dir', str(tmp_path), '--device', 'cuda']
+    rc = main(argv + (['--pretrained'] if command == 'validate' else []))
+    _assert_one_line_error(rc, capsys.readouterr(), command, '--device cuda: no CUDA device', 'use --device cpu')
+
+
+def test_model_names_and_dense_tags(image_file, capsys):
+    """A misspelt L3 name suggests the L3 models; a detection backbone tag (no classifier) is refused naming
+    what to run instead."""
+    assert main(['predict', '--model', 'mambavision_l3']) == 1
+    _assert_one_line_error(1, capsys.readouterr(), 'predict', 'did you mean mambavision_l3_256, mambavision_l3_512')
+    assert main(['predict', str(image_file), '--model', 'mambavision_t.nv_coco']) == 1
+    _assert_one_line_error(1, capsys.readouterr(), 'predict', 'mambavision_t.nv_coco is the backbone of a published '
+                           'detector, without a classifier: `mambavision detect`', 'use mambavision_t.nv_in1k')
+    assert main(['predict', str(image_file), '--model', 'mambavision_t.nv_ade20k']) == 1
+    _assert_one_line_error(1, capsys.readouterr(), 'predict', '`mambavision segment`')
+
+
+def test_predict_folders_json_exif_device(tmp_path, capsys):
+    """Folders are searched recursively for images, --json prints them all, EXIF orientation is applied."""
+    model = timm.create_model('test_mambavision').eval()
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save(model.state_dict(), checkpoint)
+    pixels = torch.randint(0, 256, (40, 64, 3), dtype=torch.uint8).numpy()
+    (tmp_path / 'photos' / 'day').mkdir(parents=True)
+    upright = Image.fromarray(pixels)
+    upright.save(tmp_path / 'photos' / 'upright.png')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are to be turned 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'photos' / 'day' / 'turned.png', exif=exif)
+    (tmp_path / 'photos' / 'notes.txt').write_text('not an image')
+    argv = ['predict', str(tmp_path / 'photos'), '--model', 'test_mambavision', '--checkpoint', str(checkpoint),
+            '--device', 'cpu', '--json', '--topk', '3']
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r['image'] for r in result['results']] == [
+        str(tmp_path / 'photos' / 'day' / 'turned.png'), str(tmp_path / 'photos' / 'upright.png')]
+    turned, straight = (r['top'] for r in result['results'])
+    assert [t['index'] for t in turned] == [t['index'] for t in straight]
+    assert [t['percent'] for t in turned] == pytest.approx([t['percent'] for t in straight], abs=1e-3)
+    assert set(turned[0]) == {'index', 'label', 'percent'}
+
+
+def test_image_above_the_pixel_limit_is_one_line(tmp_path, capsys, monkeypatch):
+    big = tmp_path / 'big.png'
+    Image.new('RGB', (300, 200)).save(big)
+    monkeypatch.setenv('MAMBAVISION_MAX_IMAGE_PIXELS', '50000')
+    rc = main(['predict', str(big), '--model', 'test_mambavision', '--random-weights'])
+    _assert_one_line_error(rc, capsys.readouterr(), 'predict', 'big.png is 300x200 = 0 MP, above the limit',
+                           'MAMBAVISION_MAX_IMAGE_PIXELS=60000')
+    monkeypatch.setenv('MAMBAVISION_MAX_IMAGE_PIXELS', '60000')
+    assert main(['predict', str(big), '--model', 'test_mambavision', '--random-weights', '--topk', '1']) == 0
 
 
 def test_benchmark_json(capsys):

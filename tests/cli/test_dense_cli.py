@@ -89,7 +89,7 @@ def test_segment(tmp_path, use_stub, capsys):
         {(40, 60): dict(labels=torch.from_numpy(labels), logits=torch.zeros(3, 40, 60))}, SEG_CLASSES, SEG_PALETTE))
     out = tmp_path / 'out'
     assert main(['segment', str(tmp_path / 'street.png'), '--output', str(out)]) == 0
-    assert calls == [dict(name='upernet_mambavision_t.nv_ade20k', pretrained=True, checkpoint_path=None)]
+    assert calls[-1] == dict(name='upernet_mambavision_t.nv_ade20k', pretrained=True, checkpoint_path=None)
     assert capsys.readouterr().out.strip().endswith('(sky 75.0%, road 25.0%)')
 
     label_png = Image.open(out / 'street_labels.png')
@@ -240,23 +240,49 @@ def test_image_errors(tmp_path, use_stub, capsys):
 
 
 def test_model_errors(tmp_path, monkeypatch, capsys):
-    """With the real factories: an unknown name suggests close ones; offline without --checkpoint says how to
-    run a local file (never random weights)."""
+    """With the real factories: an unknown name suggests close ones; offline without --checkpoint says which file
+    to download and the flags that take it; random weights only with --random-weights."""
     monkeypatch.setattr(mambavision, 'create_segmenter', create_segmenter, raising=False)
     monkeypatch.setattr(mambavision, 'create_detector', create_detector, raising=False)
     _image(tmp_path / 'a.png', 8, 8)
     image = str(tmp_path / 'a.png')
-    assert main(['segment', image, '--model', 'upernet_mambavision_t', '--output', str(tmp_path)]) == 1
-    _one_line_error(capsys, 'segment', "unknown segmenter 'upernet_mambavision_t'; did you mean "
+    assert main(['segment', image, '--model', 'upernet_mambavision_tq.nv_ade20k', '--output', str(tmp_path)]) == 1
+    _one_line_error(capsys, 'segment', "unknown segmenter 'upernet_mambavision_tq.nv_ade20k'; did you mean "
                                        "upernet_mambavision_t.nv_ade20k")
     assert main(['detect', str(tmp_path / 'a.png'), '--model', 'cascade_mambavision_t', '--output', str(tmp_path)]) == 1
     _one_line_error(capsys, 'detect', "unknown detector 'cascade_mambavision_t'; did you mean")
     assert main(['segment', image, '--checkpoint', str(tmp_path / 'no.pth'), '--output', str(tmp_path)]) == 1
     _one_line_error(capsys, 'segment', 'checkpoint not found', 'no.pth')
     assert main(['segment', str(tmp_path / 'a.png'), '--output', str(tmp_path)]) == 1  # HF_HUB_OFFLINE=1
-    _one_line_error(capsys, 'segment', 'mamba_vision_160k_ade20k-512x512_tiny',
-                    '(--checkpoint FILE runs a local copy of the published file)')
+    _one_line_error(capsys, 'segment', 'the Hugging Face hub is unreachable',
+                    'download mamba_vision_160k_ade20k-512x512_tiny.pth from '
+                    'https://huggingface.co/nvidia/mamba_vision_160k_ade20k-512x512_tiny and pass --checkpoint '
+                    'mamba_vision_160k_ade20k-512x512_tiny.pth, or --random-weights')
     assert not list(tmp_path.glob('*_overlay.png'))
+
+
+def test_random_weights_folders_and_output_checks(tmp_path, use_stub, capsys):
+    """--random-weights builds the model untrained (no download) and says so; a folder gives the images below
+    it; an --output that is a file is one line, before a model is built."""
+    (tmp_path / 'in' / 'sub').mkdir(parents=True)
+    _image(tmp_path / 'in' / 'a.png', 8, 8)
+    _image(tmp_path / 'in' / 'sub' / 'b.png', 8, 8, seed=1)
+    (tmp_path / 'in' / 'notes.txt').write_text('not an image')
+    labels = torch.zeros(8, 8, dtype=torch.int64)
+    calls = use_stub('create_segmenter', StubModel({(8, 8): dict(labels=labels)}, SEG_CLASSES, SEG_PALETTE))
+    (tmp_path / 'taken').write_text('a file')
+    assert main(['segment', str(tmp_path / 'in'), '--output', str(tmp_path / 'taken')]) == 1
+    _one_line_error(capsys, 'segment', f'--output {tmp_path / "taken"} is a file; expected a folder')
+    assert calls == []
+    assert main(['segment', str(tmp_path / 'in'), '--random-weights', '--output', str(tmp_path / 'out')]) == 0
+    assert calls == [dict(name='upernet_mambavision_t.nv_ade20k', pretrained=False, checkpoint_path=None)]
+    captured = capsys.readouterr()
+    assert captured.err == 'mambavision segment: RANDOM weights (--random-weights): the outputs mean nothing\n'
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [
+        'a_labels.png', 'a_overlay.png', 'b_labels.png', 'b_overlay.png']
+    (tmp_path / 'empty').mkdir()
+    assert main(['segment', str(tmp_path / 'empty'), '--output', str(tmp_path / 'out')]) == 1
+    _one_line_error(capsys, 'segment', 'empty is a folder without image files')
 
 
 def test_validate_errors(tmp_path, coco_root, use_stub, monkeypatch, capsys):
