@@ -26,7 +26,7 @@ from .layers import ConvModule
 from .predict import predict_images
 from .roi_heads import CascadeRoIHead
 from .rpn import RPNHead
-from .targets import check_targets, train_config
+from .targets import batch_targets, check_targets, train_config
 from .transform import DetectionTransform
 
 __all__ = ['FPN', 'CascadeMaskRCNN', 'create_detector', 'list_detectors']
@@ -145,7 +145,7 @@ class CascadeMaskRCNN(nn.Module):
             ``losses.total_loss`` sums the losses. Settings: ``self.train_cfg``.
         """
         image_sizes = check_targets(targets, len(inputs), inputs.shape[-2:], self.roi_head.num_classes)
-        targets = [{k: v.to(inputs.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        targets = batch_targets(targets, inputs)
         cfg = self.train_cfg
         feats = self.extract_features(inputs)
         logits, deltas = self.rpn_head(feats)

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 __all__ = [
-    'MaxIoUAssigner', 'RandomSampler', 'Sampling', 'assign_and_sample', 'box_iou', 'check_targets', 'inside_image',
-    'mask_targets', 'stage_parts', 'train_config', 'DEFAULT_TRAIN_CFG',
+    'MaxIoUAssigner', 'RandomSampler', 'Sampling', 'assign_and_sample', 'batch_targets', 'box_iou', 'check_targets',
+    'inside_image', 'mask_targets', 'stage_parts', 'train_config', 'DEFAULT_TRAIN_CFG',
 ]
 
 
@@ -289,3 +290,18 @@ def check_targets(targets, num_images: int, padded_size: Tuple[int, int], num_cl
                              f'got {tuple(target["masks"].shape)}')
         sizes.append((h, w))
     return sizes
+
+
+def batch_targets(targets, inputs: torch.Tensor) -> list:
+    """Checked targets on ``inputs``' device, masks zero-padded to the batch's (H, W) as mmdet's
+    DetDataPreprocessor pads them with the images (``pad_mask``): RoIAlign of a mask touching the
+    image's right or bottom edge then reads zeros beyond it, as in mmdet's training. New dicts."""
+    height, width = inputs.shape[-2:]
+    out = []
+    for target in targets:
+        target = {k: v.to(inputs.device) if torch.is_tensor(v) else v for k, v in target.items()}
+        if 'masks' in target:
+            masks = target['masks']
+            target['masks'] = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+        out.append(target)
+    return out

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from mambavision.dense.targets import (
-    DEFAULT_TRAIN_CFG, MaxIoUAssigner, RandomSampler, assign_and_sample, box_iou, inside_image, mask_targets,
-    train_config)
+    DEFAULT_TRAIN_CFG, MaxIoUAssigner, RandomSampler, assign_and_sample, batch_targets, box_iou, inside_image,
+    mask_targets, train_config)
 
 
 def boxes(*rows):
@@ -153,6 +153,21 @@ def test_mask_targets_resample_the_mask_in_each_box():
     assert torch.equal(targets[1], quarter)
     assert targets[2].eq(1).all()  # clipped to (30, 0, 40, 40): all inside the mask
     assert mask_targets(masks, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 28, 28)
+
+
+def test_batch_targets_pad_the_masks_with_the_images():
+    """As mmdet's DetDataPreprocessor (pad_mask): an object filling a 5 x 6 image in an 8 x 10 batch. Its
+    box's last samples (0.59 of a row, 0.61 of a column inside the image) read the zero padding beyond
+    the edges: 0.59 * 0.61, 0.59 * 0.82 and 0.77 * 0.61 fall below 0.5; without padding they read the edge."""
+    masks = torch.ones(1, 5, 6, dtype=torch.uint8)
+    targets = [dict(boxes=boxes([0, 0, 6, 5]), labels=torch.tensor([1]), masks=masks, image_size=(5, 6))]
+    batched = batch_targets(targets, torch.zeros(1, 3, 8, 10))
+    assert batched[0]['masks'].shape == (1, 8, 10) and batched[0]['masks'].sum() == 30
+    assert batched[0]['masks'][:, :5, :6].eq(1).all() and targets[0]['masks'] is masks
+    assert mask_targets(masks, targets[0]['boxes'], torch.tensor([0])).eq(1).all()
+    expected = torch.ones(1, 28, 28)
+    expected[0, [27, 27, 26], [27, 26, 27]] = 0
+    assert torch.equal(mask_targets(batched[0]['masks'], targets[0]['boxes'], torch.tensor([0])), expected)
 
 
 def test_train_config_takes_mmdets_names():
