@@ -6,11 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mambavision.weights
 from mambavision.dense import boxes as box_ops
 from mambavision.dense.detection import CascadeMaskRCNN, create_detector, list_detectors
 from mambavision.model import create_dense_backbone
-from mambavision.weights import rename_published_keys_
 
 from conftest import DENSE_FIXTURES as FIXTURES
 
@@ -106,17 +104,6 @@ def test_predict_matches_fixture(fixture, published_tiny):
     assert (out['masks'][match[matched]] != tensors['masks'][matched]).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize('name', list_detectors())
-def test_published_state_dict_names_and_shapes(name):
-    published = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())
-    with torch.device('meta'):
-        model = create_detector(name)
-    entry = published[model.published['file'][:-len('.pth')]]
-    expected = {k: tuple(shape) for k, shape in entry['state_dict']}
-    rename_published_keys_(expected, 'backbone.')
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
-
-
 def test_predict_contract(confident_tiny):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (64, 50, 3), dtype=np.uint8)]
@@ -163,57 +150,6 @@ def test_predict_tiny_and_huge_images(confident_tiny):
         confident_tiny.roi_head.max_per_img = 100
     assert len(out['scores']) == 1 and out['masks'].shape == (1, 8000, 10000)
     assert (out['boxes'][:, 2] <= 10000).all() and (out['boxes'][:, 3] <= 8000).all()
-
-
-def test_unknown_name_suggests_close_names():
-    with pytest.raises(ValueError, match='cascade_mask_rcnn_mambavision_t.nv_coco'):
-        create_detector('cascade_mask_rcnn_mambavision_tt.nv_coco')
-
-
-SMALL_T = dict(channels=32, fc_channels=64, backbone_kwargs=dict(depths=(1, 1, 1, 1)))  # the T width, shallow
-
-
-def published_names(state_dict: dict) -> dict:
-    """Our tensor names -> the published ones (the inverse of the backbone's renaming, from the T file's names)."""
-    published = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())
-    names = {k: k for k, _ in published['cascade_mask_rcnn_mamba_vision_tiny_3x_coco']['state_dict']}
-    rename_published_keys_(names, 'backbone.')  # keys become ours, values stay published
-    return {names[k]: v for k, v in state_dict.items()}
-
-
-@pytest.mark.parametrize('naming', ['ours', 'published'])
-def test_checkpoint_round_trip_and_pretrained_download(tmp_path, monkeypatch, naming):
-    """A saved state dict of ours and a published-style mmengine file (published names, beside 'meta') load."""
-    torch.manual_seed(0)
-    source = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', **SMALL_T)
-    state_dict = source.state_dict() if naming == 'ours' else published_names(source.state_dict())
-    assert ('backbone.patch_embed.conv_down.0.weight' in state_dict) == (naming == 'published')
-    path = tmp_path / 'det.pth'
-    torch.save({'meta': {'epoch': 36, 'mmdet_version': '3.3.0'}, 'state_dict': state_dict}, path)
-    loaded = create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', checkpoint_path=str(path), **SMALL_T)
-    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), name
-    calls = []
-    monkeypatch.setattr(mambavision.weights, 'download_weights',
-                        lambda repo, file: calls.append((repo, file)) or str(path))
-    create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', pretrained=True, **SMALL_T)
-    repo = 'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco'
-    assert calls == [(repo, repo.split('/')[1] + '.pth')]
-
-
-@pytest.mark.parametrize('state_dict, message', [
-    ({'stem.conv1.weight': torch.zeros(1), 'head.fc.weight': torch.zeros(1)}, 'holds a classification model'),
-    ({'backbone.stem.conv1.weight': torch.zeros(1), 'decode_head.conv_seg.weight': torch.zeros(1)},
-     r'holds a segmentation model \(no roi_head.\* tensors\), not a Cascade Mask R-CNN'),
-    ({'backbone.patch_embed.conv_down.3.weight': torch.zeros(96, 64, 3, 3), 'roi_head.x': torch.zeros(1)},
-     r'is a MambaVision-S Cascade Mask R-CNN \(dim 96\), the model is MambaVision-T \(dim 80\)'),
-])
-def test_wrong_checkpoint_is_named(tmp_path, state_dict, message):
-    path = tmp_path / 'other.pth'
-    torch.save({'state_dict': state_dict}, path)
-    with pytest.raises(ValueError, match=message) as info:
-        create_detector('cascade_mask_rcnn_mambavision_t.nv_coco', checkpoint_path=str(path), **SMALL_T)
-    assert '\n' not in str(info.value) and str(path) in str(info.value)
 
 
 def test_batched_nms_follows_mmcv_beyond_its_split_threshold():

@@ -1,7 +1,6 @@
 """UPerNet segmentation: exact against mmseg's output (``upernet_tiny``), the published state dicts
 load, ``predict`` on every kind of input and size, bad input, training and ONNX export."""
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,22 +10,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-import mambavision.weights
 from mambavision.dense import segmentation
-from mambavision.dense.segmentation import AdaptiveAvgPool, UPerNet, create_segmenter, list_segmenters
+from mambavision.dense.segmentation import AdaptiveAvgPool, UPerNet, create_segmenter
 from mambavision.export import INPUT_NAME, export_onnx, onnx_session
 from mambavision.model import create_dense_backbone
-from mambavision.weights import rename_published_keys_
 
 from conftest import DENSE_FIXTURES as FIXTURES
+
 REL_TOL = 1e-5
-# the published ADE20K models, by their entry in downstream_state_dict_keys.json
-PUBLISHED = {
-    'upernet_mambavision_t.nv_ade20k': 'mamba_vision_160k_ade20k_tiny',
-    'upernet_mambavision_s.nv_ade20k': 'mamba_vision_160k_ade20k_small',
-    'upernet_mambavision_b.nv_ade20k': 'mamba_vision_160k_ade20k_base',
-    'upernet_mambavision_l3.nv_in21k_ade20k_640': 'mamba_vision_160k_ade20k_l3_21k',
-}
 
 
 def _tiny_upernet(num_classes=19, channels=32, aux_channels=16, test_scale=(512, 128), seed=0) -> UPerNet:
@@ -95,33 +86,12 @@ def test_fixture_predict_input_logits_and_labels(golden, fixture_model):
     assert torch.equal(result['labels'], result['logits'].argmax(0))
 
 
-@pytest.mark.parametrize('name', list(PUBLISHED))
-def test_published_state_dict_names_and_shapes(name):
-    """Every tensor of the published file has our model's name (after the backbone's renaming) and shape."""
-    entry = json.loads((FIXTURES / 'downstream_state_dict_keys.json').read_text())[PUBLISHED[name]]
-    with torch.device('meta'):
-        model = create_segmenter(name)
-    published = {n: torch.empty(shape, device='meta') for n, shape in entry['state_dict']}
-    rename_published_keys_(published, 'backbone.')
-    ours = model.state_dict()
-    assert {n: tuple(t.shape) for n, t in published.items()} == {n: tuple(t.shape) for n, t in ours.items()}
-    windows = [stage.window_size for stage in model.backbone.stages[2:]]
-    assert windows == entry['backbone']['window_size'][2:]
-    assert model.published['file'] == model.published['hf_repo'].split('/')[-1] + '.pth'
-    assert model.test_scale == ((2560, 640) if 'l3' in name else (2048, 512))
-    assert len(model.class_names) == len(model.palette) == 150 and model.class_names[0] == 'wall'
-
-
 @pytest.mark.parametrize('size', [(4, 6), (1, 1), (13, 7), (2, 9)])
 def test_adaptive_avg_pool_is_pytorchs(size):
     """The pooling matrices give nn.AdaptiveAvgPool2d's bins, also with more bins than rows (6 over 4)."""
     x = torch.randn(2, 3, *size)
     for scale in (1, 2, 3, 6):
         torch.testing.assert_close(AdaptiveAvgPool(scale)(x), F.adaptive_avg_pool2d(x, scale))
-
-
-def test_list_segmenters():
-    assert list_segmenters() == list(PUBLISHED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,14 +235,6 @@ def test_predict_bad_input_is_one_line(tiny, bad, message):
 # create_segmenter: names and weight files
 
 
-def test_unknown_name_suggests_close_names():
-    with pytest.raises(ValueError) as info:
-        create_segmenter('upernet_mambavision_tt.nv_ade20k')
-    message = str(info.value)
-    assert "unknown segmenter 'upernet_mambavision_tt.nv_ade20k'" in message and '\n' not in message
-    assert 'upernet_mambavision_t.nv_ade20k' in message
-
-
 def _tiny_segmenter(**kwargs):
     """create_segmenter's T entry on a tiny backbone (the same names as the real one)."""
     tiny_backbone = dict(dim=16, in_dim=8, depths=(1, 2, 3, 2), num_heads=(1, 2, 2, 4))
@@ -296,25 +258,6 @@ def test_checkpoint_path_reads_published_and_own_files(tmp_path, golden, fixture
     assert all(torch.equal(t, expected[n]) for n, t in again.state_dict().items())
 
 
-def test_pretrained_downloads_the_published_file(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    source = _tiny_segmenter()
-    path = tmp_path / 'mamba_vision_160k_ade20k-512x512_tiny.pth'
-    torch.save({'meta': {'note': 'x'}, 'state_dict': source.state_dict()}, path)
-    asked = []
-
-    def fake_download(repo_id, filename, cache_dir=None):
-        asked.append((repo_id, filename))
-        return str(path)
-
-    monkeypatch.setattr(mambavision.weights, 'download_weights', fake_download)
-    model = _tiny_segmenter(pretrained=True)
-    assert asked == [('nvidia/mamba_vision_160k_ade20k-512x512_tiny', 'mamba_vision_160k_ade20k-512x512_tiny.pth')]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
-    assert model.published == dict(hf_repo='nvidia/mamba_vision_160k_ade20k-512x512_tiny',
-                                   file='mamba_vision_160k_ade20k-512x512_tiny.pth', miou=46.0)
-
-
 def test_own_classes_keep_fresh_classifiers(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / 'ade.pth'
@@ -323,23 +266,6 @@ def test_own_classes_keep_fresh_classifiers(tmp_path):
     model = _tiny_segmenter(checkpoint_path=str(path), num_classes=5)
     assert model.decode_head.conv_seg.out_channels == 5 and len(model.class_names) == 5
     torch.testing.assert_close(model.decode_head.bottleneck.conv.weight, source.decode_head.bottleneck.conv.weight)
-
-
-@pytest.mark.parametrize('content, message', [
-    ({'state_dict': {'patch_embed.conv_down.0.weight': torch.zeros(1), 'head.weight': torch.zeros(1)}},
-     'holds a classification model'),
-    ({'state_dict': {'backbone.x': torch.zeros(1), 'roi_head.bbox_head.0.fc_cls.weight': torch.zeros(1)}},
-     'holds a detection model'),
-    ({'state_dict': {'backbone.patch_embed.conv_down.3.weight': torch.zeros(96, 64, 3, 3),
-                     'decode_head.conv_seg.weight': torch.zeros(1)}},
-     'is a MambaVision-S UPerNet segmenter (dim 96), the model is MambaVision (dim 16); pick the name'),
-])
-def test_wrong_checkpoint_is_one_line(tmp_path, content, message):
-    path = tmp_path / 'wrong.pth'
-    torch.save(content, path)
-    with pytest.raises(ValueError) as info:
-        _tiny_segmenter(checkpoint_path=str(path))
-    assert message in str(info.value) and '\n' not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
