@@ -130,7 +130,7 @@ class Inert:
         return 'Inert()'
 
 
-def _inert_getattr(obj, name):
+def _inert_getattr(obj, name, *default):
     """``getattr`` as a checkpoint calls it: on an ``Inert`` stand-in (class or object) another stand-in, never a
     real attribute; on anything else refused (a real object's attributes lead to modules and code)."""
     if obj is Inert or isinstance(obj, Inert):

@@ -409,6 +409,21 @@ def test_runner_checkpoint_loads_into_dense_models(mmengine_names, create, name,
         assert torch.equal(a, b), key
 
 
+@pytest.mark.parametrize('filename', ['mmengine_runner_zip.pth', 'mmengine_runner_legacy.pth'])
+def test_checkpoint_written_by_mmengine_runner_loads(filename):
+    """Files mmengine 0.10.7's runner wrote (tests/fixtures/make_mmengine_runner_checkpoints.py)."""
+    path = str(FIXTURES / filename)
+    assert open(path, 'rb').read().count(b'getattr') == 1  # HistoryBuffer's statistics_methods, memoised once
+    checkpoint = read_checkpoint(path)
+    assert sorted(checkpoint) == ['message_hub', 'meta', 'optimizer', 'param_schedulers', 'state_dict']
+    assert checkpoint['meta']['mmengine_version'].startswith('0.10.7') and checkpoint['meta']['dataset_meta'] == dict(
+        classes=('a', 'b'))
+    assert set(checkpoint['message_hub']['log_scalars']) >= {'train/loss', 'train/lr'}
+    weights = read_state_dict(path)
+    assert weights.keys() == {'fc.weight', 'fc.bias'} and weights['fc.weight'].shape == (2, 4)
+    assert weights['fc.bias'].tolist() == pytest.approx([0.4760401248931885, -0.17636080086231232])
+
+
 class _Call:
     """Pickles as ``func(*args)``: a plain unpickler would run it."""
 
