@@ -41,6 +41,9 @@ def run_benchmark(args) -> int:
 
     check_model_name(args.model)
     device = resolve_device(args.device)
+    if args.amp == 'fp16' and device.type == 'cpu':
+        print('mambavision benchmark: warning: --amp fp16 on a CPU is far slower than float32 (CPUs have no fast '
+              'fp16 matmuls; seconds per image); --amp bf16 is the fast CPU precision', file=sys.stderr)
     batch_size = args.batch_size or (128 if device.type == 'cuda' else 8)
     with device:  # initialise on the device: quick even for the 740M-parameter models on a GPU
         model = timm.create_model(args.model).eval()

@@ -68,10 +68,34 @@ def add_arguments_validate(parser: argparse.ArgumentParser):
     _add_config_options(parser, ('data',))
 
 
+def _fetch_pretrained(name: str, local_flag: str):
+    """Published weights of ``name`` into the Hugging Face cache before the run starts; offline, one line naming
+    the file and ``local_flag``, the option that takes a local copy."""
+    from mambavision.factory import fetch_published_weights, published_weights
+
+    source = published_weights(name)
+    if source is not None:
+        fetch_published_weights(name, *source, local_flag=local_flag)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``mambavision train``: train or fine-tune, single-process or under torchrun."""
-    from mambavision.train import train
+    import os
+    import sys
 
+    from mambavision.runtime import check_output_folder
+    from mambavision.train import resolve_config, train
+
+    config = resolve_config(args)
+    if args.output:
+        check_output_folder(args.output)
+    if args.pretrained and not args.pretrained_file:
+        _fetch_pretrained(config['model'], '--pretrained-file')
+    epochs, cooldown = config['train']['epochs'], config['train']['cooldown_epochs']
+    if cooldown and not args.resume and int(os.environ.get('RANK', 0)) == 0:
+        print(f'mambavision train: {epochs + cooldown} epochs: --epochs {epochs} of the cosine schedule, then '
+              f'{cooldown} cool-down epochs at min_lr (the config\'s cooldown_epochs; --cooldown-epochs 0 trains '
+              f'{epochs})', file=sys.stderr)
     return train(args)
 
 
@@ -86,6 +110,8 @@ def run_validate(args: argparse.Namespace) -> int:
     try:
         _setup_logging(rank)
         if args.task == 'cls':
+            if args.pretrained:
+                _fetch_pretrained(args.model, '--checkpoint')
             results = validate(args, device, rank)
         else:
             from .dense import validate_dense

@@ -319,3 +319,40 @@ def test_command_table_imports_lazily(tmp_path, monkeypatch, capsys):
     assert 'mv_hello_cmd' not in sys.modules
     assert main(['hello', '--name', 'cli']) == 3
     assert capsys.readouterr().out == 'hello cli\n'
+
+
+def test_train_and_validate_pretrained_offline_name_their_own_flags(tmp_path, capsys):
+    argv = ['--model', 'mambavision_t', '--pretrained', '--data-dir', str(tmp_path)]
+    for command, flag in (('train', '--pretrained-file'), ('validate', '--checkpoint')):
+        rc, captured = main([command] + argv), capsys.readouterr()
+        _assert_one_line_error(rc, captured, command, 'download mambavision_tiny_1k.pth.tar from '
+                               f'https://huggingface.co/nvidia/MambaVision-T-1K and pass {flag} mambavision_tiny_1k')
+        assert 'pretrained_cfg_overlay' not in captured.err
+
+
+def test_train_says_when_cool_down_epochs_are_added(tmp_path, capsys, monkeypatch):
+    """--epochs is the cosine schedule; a config's cool-down epochs come on top, said in one line at the start."""
+    import mambavision.train
+    monkeypatch.setattr(mambavision.train, 'train', lambda args: 0)
+    argv = ['train', '--config', str(ROOT / 'configs' / 'mambavision_t.nv_in1k.yaml'), '--data-dir', str(tmp_path),
+            '--epochs', '1']
+    assert main(argv) == 0
+    assert capsys.readouterr().err == (
+        "mambavision train: 11 epochs: --epochs 1 of the cosine schedule, then 10 cool-down epochs at min_lr "
+        "(the config's cooldown_epochs; --cooldown-epochs 0 trains 1)\n")
+    assert main(argv + ['--cooldown-epochs', '0']) == 0
+    assert capsys.readouterr().err == ''
+    (tmp_path / 'taken').write_text('a file')
+    rc = main(argv + ['--output', str(tmp_path / 'taken')])
+    _assert_one_line_error(rc, capsys.readouterr(), 'train', 'taken is a file; expected a folder')
+
+
+def test_benchmark_warns_of_fp16_on_a_cpu(capsys):
+    argv = ['benchmark', '--model', 'test_mambavision', '--device', 'cpu', '--batch-size', '1', '--img-size', '32',
+            '--warmup', '0', '--repeats', '1', '--json']
+    assert main(argv + ['--amp', 'fp16']) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('mambavision benchmark: warning: --amp fp16 on a CPU')
+    assert 'bf16' in err[0]
+    assert main(argv + ['--amp', 'bf16']) == 0
+    assert 'warning' not in capsys.readouterr().err
