@@ -293,15 +293,17 @@ def check_targets(targets, num_images: int, padded_size: Tuple[int, int], num_cl
 
 
 def batch_targets(targets, inputs: torch.Tensor) -> list:
-    """Checked targets on ``inputs``' device, masks zero-padded to the batch's (H, W) as mmdet's
-    DetDataPreprocessor pads them with the images (``pad_mask``): RoIAlign of a mask touching the
-    image's right or bottom edge then reads zeros beyond it, as in mmdet's training. New dicts."""
+    """Checked targets on ``inputs``' device (labels int64, masks uint8), the masks zero-padded to the
+    batch's (H, W) as mmdet's DetDataPreprocessor pads them with the images (``pad_mask``): RoIAlign of
+    a mask touching the image's right or bottom edge then reads zeros beyond it, as in mmdet's
+    training. New dicts."""
     height, width = inputs.shape[-2:]
     out = []
     for target in targets:
         target = {k: v.to(inputs.device) if torch.is_tensor(v) else v for k, v in target.items()}
+        target['labels'] = target['labels'].long()
         if 'masks' in target:
-            masks = target['masks']
+            masks = target['masks'].to(torch.uint8)
             target['masks'] = F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
         out.append(target)
     return out

@@ -162,6 +162,9 @@ def test_batch_targets_pad_the_masks_with_the_images():
     masks = torch.ones(1, 5, 6, dtype=torch.uint8)
     targets = [dict(boxes=boxes([0, 0, 6, 5]), labels=torch.tensor([1]), masks=masks, image_size=(5, 6))]
     batched = batch_targets(targets, torch.zeros(1, 3, 8, 10))
+    as_read = batch_targets([dict(targets[0], labels=torch.tensor([1], dtype=torch.int32), masks=masks.bool())],
+                            torch.zeros(1, 3, 8, 10))
+    assert as_read[0]['labels'].dtype == torch.int64 and torch.equal(as_read[0]['masks'], batched[0]['masks'])
     assert batched[0]['masks'].shape == (1, 8, 10) and batched[0]['masks'].sum() == 30
     assert batched[0]['masks'][:, :5, :6].eq(1).all() and targets[0]['masks'] is masks
     assert mask_targets(masks, targets[0]['boxes'], torch.tensor([0])).eq(1).all()
