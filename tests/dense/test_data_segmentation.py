@@ -1,6 +1,7 @@
 """Segmentation training data: each transform and the whole pipeline equal mmseg's with the random draws
 fixed (``seg_pipeline``, made by ``make_seg_pipeline.py``), the batch equals ``SegDataPreProcessor``'s, and
 datasets are read, checked and drawn as documented."""
+import hashlib
 import json
 from functools import partial
 
@@ -68,7 +69,7 @@ def _transform(case):
 
 def _case_names():
     cases = json.loads((DENSE_FIXTURES / 'seg_pipeline.json').read_text())['cases']
-    return [case['name'] for case in cases if case['op'] != 'pipeline']
+    return [case['name'] for case in cases if case['op'] not in ('pipeline', 'published_pipeline')]
 
 
 @pytest.mark.parametrize('name', _case_names())
@@ -104,6 +105,32 @@ def test_pipeline_and_batch_are_mmsegs(golden):
     assert inputs.dtype == torch.float32 and labels.dtype == torch.int64
     torch.testing.assert_close(inputs, torch.from_numpy(arrays['batch.inputs']), rtol=0, atol=0)
     torch.testing.assert_close(labels, torch.from_numpy(arrays['batch.labels']).long(), rtol=0, atol=0)
+
+
+def _published_size_input():
+    """make_seg_pipeline.published_size_input: 683x512, integer formulas."""
+    ys, xs = np.mgrid[0:512, 0:683]
+    image = np.stack([(ys * 3 + xs // 2) % 256, (xs * 5 + (ys // 4) * 17) % 256, (ys * xs // 97) % 256], -1)
+    label = ((ys // 64) * 5 + (xs // 80) * 3) % 150
+    label[:420, :560] = 7
+    label[(ys + xs) % 97 < 5] = 255
+    return image.astype(np.uint8), label.astype(np.uint8)
+
+
+def test_published_pipeline_at_the_published_size_is_mmsegs(golden):
+    """Crop 512 after a resize to (2048, 512) x 0.5..2: up- and down-scaled, crops drawn again, flips, hue."""
+    cases, _ = golden
+    image, label = _published_size_input()
+    pipeline = SegmentationTrainPipeline()
+    published = [case for case in cases.values() if case['op'] == 'published_pipeline']
+    assert len(published) == 4
+    for case in published:
+        rng = ScriptedRng(case['calls'])
+        out_image, out_label = pipeline(image, label, rng)
+        assert not rng.calls
+        assert list(out_image.shape) == case['image_shape'] and out_label.shape == out_image.shape[:2]
+        assert hashlib.sha256(out_image).hexdigest() == case['image_sha256'], case['name']
+        assert hashlib.sha256(out_label).hexdigest() == case['label_sha256'], case['name']
 
 
 def test_published_pipeline_defaults():
