@@ -168,6 +168,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'weight file not found: {path}')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if not (head[:1] == b'\x80' or head[:4] == b'PK\x03\x04' or head[8:9] == b'{'):  # pickle, zip, safetensors
+        raise RuntimeError(
+            f'cannot read weight file {path}: it is truncated, corrupt or not a weight file (a weight file is '
+            f'written by torch.save, .pth/.pth.tar/.bin: a zip archive or a pickle; or it is .safetensors)')
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file

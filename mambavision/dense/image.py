@@ -39,6 +39,8 @@ def read_image_file(path) -> np.ndarray:
     """(H, W, 3) uint8 RGB of image file ``path``, decoded as mmcv's ``LoadImageFromFile`` decodes it
     (OpenCV, colour: grayscale gets three channels, alpha is dropped, 16 bits become 8, EXIF orientation applied)."""
     cv2 = _cv2()
+    if os.path.isdir(path):
+        raise IsADirectoryError(f'{path} is a directory, expected an image file')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'image not found: {path}')
     image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)

@@ -176,7 +176,8 @@ def test_predict_checkpoint_weights_are_used(tmp_path, image_file, capsys):
     (['predict', '--model', 'mambavision_t.in21k'], ['unknown model', 'mambavision_t.nv_in1k']),
     (['benchmark', '--model', 'mambvision_s'], ['unknown model', 'mambavision_s']),
     (['predict', '--checkpoint', '{tmp}/missing.pth'], ['checkpoint not found', 'missing.pth']),
-    (['predict', '--model', 'test_mambavision', '--checkpoint', '{tmp}/notes.txt'], ['cannot read weight file']),
+    (['predict', '--model', 'test_mambavision', '--checkpoint', '{tmp}/notes.txt'],
+     ['cannot read weight file', 'notes.txt', 'a weight file is written by torch.save']),
 ])
 def test_errors_are_one_line(argv, fragments, tmp_path, capsys):
     (tmp_path / 'notes.txt').write_text('not an image, not weights\n')

@@ -61,6 +61,8 @@ def test_missing_and_unreadable_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match='cannot read image') as info:
         as_rgb_images(tmp_path / 'broken.jpg')
     assert '\n' not in str(info.value)
+    with pytest.raises(IsADirectoryError, match=f'^{tmp_path} is a directory, expected an image file$'):
+        as_rgb_images(str(tmp_path))
 
 
 @pytest.mark.parametrize('h, w, scale, new_h, new_w', [
