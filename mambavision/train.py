@@ -101,7 +101,8 @@ def load_config(path: str) -> Dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f'config {path} must be a mapping with sections {", ".join(CONFIG_KEYS)}')
     unknown = [k for k in config if k not in CONFIG_KEYS]
-    unknown += [f'{s}.{k}' for s in OPTIONS if isinstance(config.get(s), dict) for k in config[s] if k not in OPTIONS[s]]
+    unknown += [f'{s}.{k}' for s in OPTIONS if isinstance(config.get(s), dict)
+                for k in config[s] if k not in OPTIONS[s]]
     if unknown:
         raise ValueError(f'config {path} has unknown keys: {", ".join(unknown)}')
     return config
@@ -113,9 +114,11 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
     model = args.model or config.get('model')
     if not model:
         raise ValueError('no model: pass --model NAME or a --config that names one')
-    if args.model and config.get('model') and split_model_name_tag(args.model)[0] != split_model_name_tag(config['model'])[0]:
+    arch = split_model_name_tag(args.model)[0] if args.model else None
+    if arch and config.get('model') and arch != split_model_name_tag(config['model'])[0]:
         raise ValueError(f'--model {args.model} contradicts the config, which describes {config["model"]}')
-    out = dict(model=model, architecture=dict(config.get('architecture') or {}), weights=dict(config.get('weights') or {}))
+    out = dict(model=model, architecture=dict(config.get('architecture') or {}),
+               weights=dict(config.get('weights') or {}))
     for section, options in OPTIONS.items():
         if not hasattr(args, next(iter(options))):
             continue
@@ -177,7 +180,8 @@ def _dataset(args, split: str, is_training: bool):
         ds = create_dataset('', root=args.data_dir, split=split, is_training=is_training)
         if os.path.samefile(ds.reader.root, args.data_dir) and (
                 is_training or os.path.isdir(os.path.join(args.data_dir, 'train'))):
-            raise FileNotFoundError(f'no {split} folder in {args.data_dir} (expected {args.data_dir}/{split}/<class>/<image>)')
+            raise FileNotFoundError(
+                f'no {split} folder in {args.data_dir} (expected {args.data_dir}/{split}/<class>/<image>)')
         # validation also takes a folder whose sub-folders are the classes (no split folder)
         return SkippingImageDataset(ds.reader.root, reader=ds.reader)
     return create_dataset(args.dataset, root=args.data_dir, split=split, is_training=is_training)
@@ -209,7 +213,9 @@ def _posterize_zero_bits():
     from timm.data import auto_augment
 
     def posterize(img, bits_to_keep, **kwargs):
-        return Image.new(img.mode, img.size) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
     for name, op in auto_augment.NAME_TO_OP.items():
         if op is auto_augment.posterize:
@@ -273,6 +279,8 @@ def _build_model(config: Dict[str, Any], num_classes: int, pretrained: bool, pre
         overlay = {k: v for k, v in config['weights'].items() if k != 'num_classes'}
         if pretrained_file:
             overlay['file'] = pretrained_file
+        if overlay.get('file'):  # the file's own class count: another one here fine-tunes a fresh classifier
+            overlay['num_classes'] = checkpoint_classes(read_checkpoint(overlay['file']))[0]
         kwargs['pretrained_cfg_overlay'] = overlay
     return timm.create_model(config['model'], pretrained=pretrained, **kwargs)
 
@@ -343,7 +351,8 @@ def train(args: argparse.Namespace) -> int:
     device, rank, world = init_distributed(args.device)
     try:
         _setup_logging(rank)
-        checkpoint = _training_checkpoint(args.resume, config['model']) if args.resume else None  # fails before the data
+        # a wrong --resume file fails before any data is read
+        checkpoint = _training_checkpoint(args.resume, config['model']) if args.resume else None
         run = _build_run(args, config, device)
         start_epoch, best_top1 = _resume(run, checkpoint, args.resume) if checkpoint else (0, -1.)
         _train_epochs(run, args, output, start_epoch, best_top1, rank, world)
@@ -516,7 +525,8 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
     ds = _dataset(args, args.val_split, is_training=False)
     names = None  # the class names a checkpoint of ours was trained on
     if args.pretrained:
-        model = timm.create_model(args.model, pretrained=True, **({'num_classes': args.num_classes} if args.num_classes else {}))
+        model = timm.create_model(
+            args.model, pretrained=True, **({'num_classes': args.num_classes} if args.num_classes else {}))
     else:
         checkpoint = load_checkpoint(args.checkpoint, args.model)
         if args.ema and not checkpoint.get('state_dict_ema'):
@@ -533,7 +543,8 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
             load_pretrained_file(model, args.checkpoint)
     classes = _class_names(ds)
     if classes and len(classes) != model.num_classes:
-        raise ValueError(f'{args.data_dir} has {len(classes)} class folders in {args.val_split}, the model {model.num_classes} classes')
+        raise ValueError(f'{args.data_dir} has {len(classes)} class folders in {args.val_split}, '
+                         f'the model {model.num_classes} classes')
     if classes and names and names[:len(classes)] != classes:
         first = next(i for i, (a, b) in enumerate(zip(classes, names)) if a != b)
         raise ValueError(f'{args.data_dir}: class {first} is {classes[first]!r} in {args.val_split}, '

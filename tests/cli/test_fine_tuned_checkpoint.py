@@ -4,10 +4,12 @@ import json
 
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 from mambavision.cli import main
 from mambavision.factory import create_model_with_weights
+from mambavision.weights import read_state_dict
 
 COLOURS = {'blue': (30, 40, 220), 'green': (30, 200, 40), 'red': (220, 30, 30)}  # sorted: the class order
 
@@ -77,3 +79,19 @@ def test_validate_checks_the_checkpoint_classes(fine_tuned, tmp_path, capsys):
     assert main(base + ['--data-dir', str(other)]) == 1
     err = capsys.readouterr().err
     assert "class 1 is 'cyan' in validation, 'green' in" in err and err.count('\n') == 1
+
+
+@pytest.mark.parametrize('num_classes', [3, 1000])
+def test_training_starts_from_the_checkpoint(fine_tuned, tmp_path, num_classes):
+    """--pretrained-file: the same classes go on with the checkpoint's classifier, another count gets a fresh one."""
+    data, checkpoint = fine_tuned
+    out = tmp_path / 'again'
+    assert main(['train', '--data-dir', str(data), '--model', 'test_mambavision', '--img-size', '32',
+                 '--batch-size', '8', '--epochs', '1', '--warmup-epochs', '0', '--lr', '1e-9', '--min-lr', '1e-9',
+                 '--workers', '0', '--pretrained', '--pretrained-file', str(checkpoint),
+                 '--num-classes', str(num_classes), '--output', str(out)]) == 0
+    before, after = read_state_dict(str(checkpoint)), read_state_dict(str(out / 'last.pth.tar'))
+    assert after['head.fc.weight'].shape[0] == num_classes
+    assert torch.allclose(after['stem.conv1.weight'], before['stem.conv1.weight'], atol=1e-6)
+    if num_classes == 3:
+        assert torch.allclose(after['head.fc.weight'], before['head.fc.weight'], atol=1e-6)
