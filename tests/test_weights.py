@@ -251,6 +251,18 @@ def test_checkpoint_of_ours_builds_its_own_classifier(tiny_a, tmp_path):
         assert model(x).shape == (len(x), 3)
 
 
+def test_class_names_travel_with_a_shared_model(tiny_a, tmp_path):
+    """timm's save_for_hf keeps them (pretrained_cfg label_names), so local-dir: and hf-hub: loads name the classes."""
+    from timm.models import save_for_hf
+
+    path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar')
+    model = timm.create_model('test_mambavision', **model_args_from_checkpoint(path), **_architecture(tiny_a))
+    save_for_hf(model, str(tmp_path / 'shared'))
+    again = timm.create_model(f'local-dir:{tmp_path / "shared"}', pretrained=True)
+    assert again.num_classes == 3 and again.pretrained_cfg['label_names'] == CLASSES
+    _assert_weights(again, model.state_dict())
+
+
 def test_checkpoint_names_fewer_classes_than_outputs(tiny_a, tmp_path):
     path = _our_checkpoint(tiny_a, tmp_path / 'best.pth.tar', classes=['cat', 'dog'], num_classes=4)
     overlay = model_args_from_checkpoint(path)['pretrained_cfg_overlay']
