@@ -155,7 +155,8 @@ def _progress(desc: str):
 
 
 def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """``mambavision validate --task seg`` (ADE20K: aAcc, mIoU, mAcc) or ``--task det`` (COCO: box and mask AP)."""
+    """``mambavision validate --task seg`` (ADE20K: aAcc, mIoU, mAcc) or ``--task det`` (COCO: box and mask AP),
+    in percent; ``--per-class`` adds each class's."""
     if torch.distributed.is_initialized():
         raise UserError(f'--task {args.task} runs in one process: start it without torchrun')
     if args.ema:
@@ -174,7 +175,8 @@ def validate_dense(args: argparse.Namespace, device: torch.device) -> Dict[str, 
         raise UserError(one_line(e)) from None
     model = create_dense_model(args.task, args.model, args.checkpoint, device, random_flag=None)
     header = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', task=args.task)
-    options = dict(autocast=lambda: amp_autocast(device.type, args.amp), progress=_progress(f'validate {args.task}'))
+    options = dict(autocast=lambda: amp_autocast(device.type, args.amp), progress=_progress(f'validate {args.task}'),
+                   per_class=args.per_class)
     try:
         if args.task == 'seg':
             return dict(header, **evaluate_segmenter(model, samples, **options))

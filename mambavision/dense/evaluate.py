@@ -12,7 +12,8 @@ Instance segmentation follows mmdet's ``CocoMetric``: detections become COCO res
 (``bbox`` as x, y, width, height, masks as pycocotools RLE, label i -> the i-th smallest
 category id), and pycocotools' ``COCOeval`` gives AP, AP50, AP75 and AP for small, medium
 and large objects with mmdet's settings (max detections 100/300/1000, every image of the
-annotation file). pycocotools is an optional dependency: ``pip install pycocotools`` (the ``coco`` extra).
+annotation file), in percent as the segmentation metrics. pycocotools is an optional dependency:
+``pip install pycocotools`` (the ``coco`` extra).
 """
 import contextlib
 import copy
@@ -163,8 +164,10 @@ def coco_results(detections: Sequence[dict], image_ids: Sequence[int], category_
     return results
 
 
-def coco_evaluate(coco, results: Sequence[dict], iou_type: str) -> Dict[str, float]:
-    """AP, AP50, AP75, APs, APm, APl (0..1, -1 where no ground truth) of ``results`` for 'bbox' or 'segm'.
+def coco_evaluate(coco, results: Sequence[dict], iou_type: str, per_class: bool = False) -> Dict[str, object]:
+    """AP, AP50, AP75, APs, APm, APl (percent, -1 where no ground truth) of ``results`` for 'bbox' or 'segm';
+    with ``per_class`` also ``per_class``: category name -> AP (percent, None where it has no ground truth), the
+    precision averaged over IoU thresholds and recall points as mmdet's ``classwise`` table.
 
     As mmdet evaluates masks, their ``bbox`` is dropped so that pycocotools takes the object areas from the masks.
     """
@@ -185,7 +188,20 @@ def coco_evaluate(coco, results: Sequence[dict], iou_type: str) -> Dict[str, flo
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) for name, value in zip(AP_NAMES, evaluator.stats[:6])}
+    metrics: Dict[str, object] = {name: _percent(value) for name, value in zip(AP_NAMES, evaluator.stats[:6])}
+    if per_class:
+        precision = evaluator.eval['precision']  # (IoU thresholds, recall points, classes, areas, max detections)
+        metrics['per_class'] = {}
+        for k, category_id in enumerate(evaluator.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            name = coco.cats[int(category_id)]['name']
+            metrics['per_class'][name] = _percent(p[p > -1].mean()) if (p > -1).any() else None
+    return metrics
+
+
+def _percent(value: float) -> float:
+    """A pycocotools statistic (0..1, or -1 for 'no ground truth') in percent (-1 kept)."""
+    return 100 * float(value) if value >= 0 else -1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +217,10 @@ def _predict_file(model, path: str, autocast, **options) -> dict:
 
 def evaluate_segmenter(
         model, samples: Sequence[Tuple[str, str]], read_label: Callable[[str], np.ndarray] = read_ade20k_label,
-        autocast=contextlib.nullcontext, progress: Callable[[Iterable], Iterable] = iter) -> Dict[str, object]:
-    """aAcc, mIoU, mAcc (percent) and per-class IoU / Acc of a segmenter on (image file, label file) pairs.
+        autocast=contextlib.nullcontext, progress: Callable[[Iterable], Iterable] = iter,
+        per_class: bool = False) -> Dict[str, object]:
+    """aAcc, mIoU, mAcc (percent), and with ``per_class`` each class's IoU / Acc, of a segmenter on
+    (image file, label file) pairs.
 
     Each image runs through ``model.predict`` (the published test protocol); labels are read with
     ``read_label`` (ADE20K's reduce-zero-label reading by default). ``autocast`` makes the context of
@@ -215,12 +233,16 @@ def evaluate_segmenter(
         if pred.shape != label.shape:
             raise ValueError(f'{label_path} is {tuple(label.shape)}, its image {image_path} {tuple(pred.shape)}')
         areas += intersect_and_union(pred, label, len(model.class_names))
-    return dict(images=len(samples), **segmentation_metrics(areas, model.class_names))
+    metrics = segmentation_metrics(areas, model.class_names)
+    if not per_class:
+        del metrics['per_class']
+    return dict(images=len(samples), **metrics)
 
 
 def evaluate_detector(model, coco, image_paths: Dict[int, str], autocast=contextlib.nullcontext,
-                      progress: Callable[[Iterable], Iterable] = iter) -> Dict[str, object]:
-    """COCO box and mask AP of a detector on the images of ``coco`` (image id -> file, ``coco_image_paths``).
+                      progress: Callable[[Iterable], Iterable] = iter, per_class: bool = False) -> Dict[str, object]:
+    """COCO box and mask AP (percent; with ``per_class`` also each category's AP) of a detector on the images of
+    ``coco`` (image id -> file, ``coco_image_paths``).
 
     Label i of the model is the i-th smallest category id of ``coco``; both must count the same classes.
     """
@@ -233,4 +255,5 @@ def evaluate_detector(model, coco, image_paths: Dict[int, str], autocast=context
         detections = {k: v.cpu() for k, v in _predict_file(model, path, autocast).items()}
         results += coco_results([detections], [image_id], category_ids)
     return dict(images=len(image_paths), detections=len(results),
-                bbox=coco_evaluate(coco, results, 'bbox'), segm=coco_evaluate(coco, results, 'segm'))
+                bbox=coco_evaluate(coco, results, 'bbox', per_class),
+                segm=coco_evaluate(coco, results, 'segm', per_class))

@@ -170,7 +170,7 @@ def test_validate_segmentation(tmp_path, use_stub, capsys):
     results_file = tmp_path / 'results.json'
     assert main(['validate', '--task', 'seg', '--model', 'upernet_mambavision_t.nv_ade20k', '--pretrained',
                  '--data-dir', str(tmp_path / 'ADEChallengeData2016'), '--device', 'cpu',
-                 '--results-file', str(results_file)]) == 0
+                 '--results-file', str(results_file), '--per-class']) == 0
     results = json.loads(capsys.readouterr().out)
     assert results == json.loads(results_file.read_text())
     assert results['images'] == 2 and results['task'] == 'seg'
@@ -185,8 +185,11 @@ def test_validate_segmentation_counts_a_confusion(tmp_path, use_stub, capsys):
     predicted[file_labels == 1] = 1
     outputs = {(16, 16): dict(labels=torch.from_numpy(predicted))}
     use_stub('create_segmenter', StubModel(outputs, SEG_CLASSES, SEG_PALETTE))
-    assert main(['validate', '--task', 'seg', '--model', 'm', '--pretrained', '--data-dir', str(tmp_path / 'ADE'),
-                 '--device', 'cpu']) == 0
+    argv = ['validate', '--task', 'seg', '--model', 'm', '--pretrained', '--data-dir', str(tmp_path / 'ADE'),
+            '--device', 'cpu']
+    assert main(argv) == 0
+    assert 'per_class' not in json.loads(capsys.readouterr().out)  # per-class rows only on request
+    assert main(argv + ['--per-class']) == 0
     results = json.loads(capsys.readouterr().out)
     n1, n2, n3 = (int((file_labels == k).sum()) for k in (1, 2, 3))
     # class 0: never predicted (IoU 0, Acc 0); class 1: n2 right of n1 + n2 predicted; class 2: all right
@@ -211,18 +214,19 @@ def coco_root(tmp_path):
 
 
 def test_validate_detection(coco_root, use_stub, capsys, monkeypatch):
-    """Ground truth as detections: box and mask AP 1. The stub tells the two images apart by their content."""
+    """Ground truth as detections: box and mask AP 100 %. The stub tells the two images apart by their content."""
     detections = detections_of(OBJECTS)
     corner = {np.array(Image.open(coco_root / f'val2017/{i}.png'))[0, 0].tobytes(): detections[i] for i in (1, 2)}
     use_stub('create_detector', StubModel(corner, DET_CLASSES, DET_PALETTE, key=lambda image: image[0, 0].tobytes()))
     (coco_root / 'weights.pth').touch()
     assert main(['validate', '--task', 'det', '--model', 'd', '--checkpoint', str(coco_root / 'weights.pth'),
                  '--data-dir', str(coco_root), '--annotations', str(coco_root / 'annotations/instances_val2017.json'),
-                 '--device', 'cpu']) == 0
+                 '--device', 'cpu', '--per-class']) == 0
     results = json.loads(capsys.readouterr().out)
     assert results['images'] == 2 and results['detections'] == 3
     for iou_type in ('bbox', 'segm'):
-        assert results[iou_type]['AP'] == pytest.approx(1.0) and results[iou_type]['AP75'] == pytest.approx(1.0)
+        assert results[iou_type]['AP'] == pytest.approx(100) and results[iou_type]['AP75'] == pytest.approx(100)
+        assert results[iou_type]['per_class'] == {name: pytest.approx(100) for name in DET_CLASSES}
 
 
 # ---------------------------------------------------------------------------------------------

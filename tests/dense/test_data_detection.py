@@ -381,8 +381,8 @@ def test_yolo_ground_truth_evaluates_with_coco_tools(tmp_path):
         detections = dict(boxes=target['boxes'], labels=target['labels'], masks=target['masks'],
                           scores=torch.ones(len(target['labels'])))
         results += coco_results([detections], [target['image_id']], dataset.category_ids)
-    assert coco_evaluate(coco, results, 'bbox')['AP'] == pytest.approx(1.0)
-    assert coco_evaluate(coco, results, 'segm')['AP'] == pytest.approx(1.0)
+    assert coco_evaluate(coco, results, 'bbox')['AP'] == pytest.approx(100)
+    assert coco_evaluate(coco, results, 'segm')['AP'] == pytest.approx(100)
 
 
 def test_coco_ground_truth_is_the_annotation_file(golden, tmp_path):

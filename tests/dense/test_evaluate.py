@@ -103,18 +103,18 @@ def test_ground_truth_as_detections_gives_ap_1(tmp_path):
     metrics = _evaluate(write_coco(tmp_path / 'gt.json', OBJECTS), detections_of(OBJECTS))
     for iou_type in ('bbox', 'segm'):
         # small (20x20, 40x12: under 32^2), medium (60x50) and large (100x110) objects: every range has some
-        assert metrics[iou_type] == pytest.approx(dict(AP=1.0, AP50=1.0, AP75=1.0, APs=1.0, APm=1.0, APl=1.0))
+        assert metrics[iou_type] == pytest.approx(dict(AP=100, AP50=100, AP75=100, APs=100, APm=100, APl=100))
 
 
 def test_shifted_box(tmp_path):
     """One 100x100 box, detected 10 px to the right: IoU 9000 / 11000 = 0.818, a match at the IoU thresholds
-    0.50, 0.55, ..., 0.80 (7 of the 10) with precision 1, none above -> AP 0.7, AP50 and AP75 1."""
+    0.50, 0.55, ..., 0.80 (7 of the 10) with precision 1, none above -> AP 70 %, AP50 and AP75 100 %."""
     annotation_file = write_coco(tmp_path / 'gt.json', [(1, 3, [10, 10, 100, 100])])
     metrics = _evaluate(annotation_file, detections_of([(1, 3, [20, 10, 100, 100])]))
     for iou_type in ('bbox', 'segm'):
-        assert metrics[iou_type]['AP'] == pytest.approx(0.7)
-        assert metrics[iou_type]['AP50'] == metrics[iou_type]['AP75'] == pytest.approx(1.0)
-        assert metrics[iou_type]['APl'] == pytest.approx(0.7) and metrics[iou_type]['APs'] == -1
+        assert metrics[iou_type]['AP'] == pytest.approx(70)
+        assert metrics[iou_type]['AP50'] == metrics[iou_type]['AP75'] == pytest.approx(100)
+        assert metrics[iou_type]['APl'] == pytest.approx(70) and metrics[iou_type]['APs'] == -1
 
 
 def test_one_object_missed(tmp_path):
@@ -122,7 +122,19 @@ def test_one_object_missed(tmp_path):
     interpolation (recall 0, 0.01, ..., 1) gives 51 / 101 at every IoU threshold."""
     objects = [(1, 1, [10, 10, 40, 40]), (1, 1, [80, 60, 40, 40])]
     metrics = _evaluate(write_coco(tmp_path / 'gt.json', objects), detections_of(objects[:1]))
-    assert metrics['bbox']['AP'] == metrics['segm']['AP'] == pytest.approx(51 / 101)
+    assert metrics['bbox']['AP'] == metrics['segm']['AP'] == pytest.approx(100 * 51 / 101)
+
+
+def test_per_class_ap_on_request(tmp_path):
+    """class1 found exactly (100 %), class7 missed (0 %), class3 without ground truth (None); only when asked."""
+    objects = [(1, 1, [10, 10, 40, 40]), (1, 7, [80, 60, 40, 40])]
+    coco = load_coco(write_coco(tmp_path / 'gt.json', objects))
+    results = coco_results([detections_of(objects[:1])[1]], [1], CATEGORY_IDS)
+    assert 'per_class' not in coco_evaluate(coco, results, 'bbox')
+    for iou_type in ('bbox', 'segm'):
+        metrics = coco_evaluate(coco, results, iou_type, per_class=True)
+        assert metrics['per_class'] == dict(class1=pytest.approx(100), class3=None, class7=0)
+        assert metrics['AP'] == pytest.approx(50)  # the mean over the classes with ground truth
 
 
 def test_no_detections_give_ap_0(tmp_path):
@@ -140,7 +152,7 @@ def test_missing_pycocotools_names_the_extra(monkeypatch, tmp_path):
 def test_mask_ap_takes_object_areas_from_the_masks(tmp_path):
     """As mmdet evaluates masks: a false positive whose mask is small (a thin L, 2 x 100 + 98 x 2 = 396 px) but
     whose box is large (100 x 100) counts among the small objects. It outscores the one exact (small) detection,
-    so small-object precision is 1/2 at every recall -> mask APs 0.5; the box AP ranges it as large (APs 1)."""
+    so small-object precision is 1/2 at every recall -> mask APs 50 %; the box AP ranges it as large (APs 100 %)."""
     objects = [(1, 1, [10, 10, 20, 20])]
     detections = detections_of(objects)[1]
     ell = np.zeros((120, 160), bool)
@@ -149,8 +161,8 @@ def test_mask_ap_takes_object_areas_from_the_masks(tmp_path):
                       scores=torch.tensor([0.95, 0.9]), labels=torch.tensor([0, 0]),
                       masks=torch.cat([torch.from_numpy(ell)[None], detections['masks']]))
     metrics = _evaluate(write_coco(tmp_path / 'gt.json', objects), {1: detections})
-    assert metrics['segm']['APs'] == pytest.approx(0.5)
-    assert metrics['bbox']['APs'] == pytest.approx(1.0)
+    assert metrics['segm']['APs'] == pytest.approx(50)
+    assert metrics['bbox']['APs'] == pytest.approx(100)
 
 
 def test_shipped_class_names_and_palettes_are_the_published_ones():
