@@ -62,7 +62,8 @@ class InferenceModel(nn.Module):
     """Runs a prepared model without autograd, on channels_last input, under autocast to ``dtype`` (None: off).
 
     (B, C, H, W) float32 images -> what ``model`` returns, in ``dtype`` (float32 when ``dtype`` is None).
-    With ``compile``, inductor compiles it with freezing on the first call and on each new input shape.
+    With ``compile``, inductor compiles it with freezing on the first call and again, for that shape only
+    (``dynamic=False``), on each new input shape; ``compile_options`` go to ``torch.compile`` and win.
     """
 
     def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False,
@@ -71,8 +72,8 @@ class InferenceModel(nn.Module):
         self.model = model
         self.dtype = dtype
         self.compiled = compile
-        self._run = torch.compile(self._autocast_forward, **(compile_options or {})) if compile \
-            else self._autocast_forward
+        self._run = torch.compile(self._autocast_forward, **{'dynamic': False, **(compile_options or {})}) \
+            if compile else self._autocast_forward
 
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -101,10 +102,14 @@ def optimize_for_inference(
     Args:
         model: a MambaVision in eval mode; it is modified in place and wrapped.
         dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``), or None for float32.
-        compile: ``torch.compile`` with inductor's freezing; the first call compiles (seconds to a minute),
-            and each new input shape compiles again. Later changes to the weights are not seen.
-        compile_options: more ``torch.compile`` arguments, e.g. ``dict(mode='max-autotune')`` (on CUDA it
-            adds CUDA graphs).
+        compile: ``torch.compile`` with inductor's freezing; the first call compiles (about 30 s for
+            mambavision_t on 2 cores), and each new input shape compiles a graph of its own (static shapes,
+            ``dynamic=False``: as fast as the first, where dynamo's automatic dynamic shapes would spend
+            minutes on a slower shape-generic graph). Past ``torch._dynamo.config.recompile_limit`` shapes (8)
+            further shapes run eagerly. Later changes to the weights are not seen.
+        compile_options: more ``torch.compile`` arguments, which override the defaults: e.g.
+            ``dict(dynamic=True)`` for one shape-generic graph when input sizes vary a lot, or
+            ``dict(mode='max-autotune')`` (on CUDA it adds CUDA graphs).
 
     Returns:
         An ``InferenceModel``: call it on float32 (B, C, H, W) images, no autocast or no_grad needed.

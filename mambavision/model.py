@@ -159,7 +159,7 @@ class MambaVisionMixer(nn.Module):
     def _fused_applies(self, x: torch.Tensor) -> bool:
         """Inference on a CPU where ``mixer_cpu``'s kernels run (not while fx/jit tracing or exporting)."""
         if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
-                or torch.compiler.is_exporting() or x.dtype not in (torch.float32, torch.bfloat16):
+                or torch.compiler.is_exporting():
             return False
         return mixer_cpu.applies(x, self.conv1d_x.kernel_size[0], self.dt_rank, self.d_state, *self.parameters())
 
@@ -167,7 +167,10 @@ class MambaVisionMixer(nn.Module):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` by ``mixer_cpu``'s kernels, tokens-first throughout (no gradient)."""
         xz = self.in_proj(x)
-        act = mixer_cpu.mixer_conv_silu(xz, torch.cat([self.conv1d_x.weight, self.conv1d_z.weight]))
+        weight = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight])
+        if torch.is_autocast_enabled('cpu'):  # the conv weights autocast would use
+            weight = weight.to(torch.get_autocast_dtype('cpu'))
+        act = mixer_cpu.mixer_conv_silu(xz, weight)
         proj = self.x_proj(act[..., :act.shape[-1] // 2])
         A = -torch.exp(self.A_log.float())
         y = mixer_cpu.mixer_ssm(act, proj, self.dt_proj.weight, self.dt_proj.bias, A, self.D)

@@ -100,3 +100,34 @@ def test_optimize_for_inference_compiles_with_freezing():
     assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}  # only with freezing
     assert y.dtype == torch.bfloat16
     assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
+
+
+def _shape_recorder(graphs):
+    """A torch.compile backend that records, per compiled graph, whether its input shapes are symbolic."""
+    def backend(gm, example_inputs):
+        graphs.append(any(isinstance(s, torch.SymInt) for node in gm.graph.find_nodes(op='placeholder')
+                          for s in getattr(node.meta.get('example_value'), 'shape', ())))
+        return gm.forward
+    return backend
+
+
+def test_compile_gives_each_input_size_a_static_graph():
+    """A second input size compiles a static graph of its own, not dynamo's slow automatic dynamic-shape one
+    (which the recorder sees where ``compile_options`` ask for it: test_the_recorder_sees_dynamic_shapes)."""
+    torch._dynamo.reset()
+    graphs = []
+    fast = optimize_for_inference(timm.create_model('test_mambavision').eval(), compile=True,
+                                  compile_options=dict(backend=_shape_recorder(graphs)))
+    fast(torch.randn(1, 3, 64, 64))
+    fast(torch.randn(2, 3, 64, 48))
+    assert graphs == [False, False]
+
+
+def test_the_recorder_sees_dynamic_shapes():
+    torch._dynamo.reset()
+    graphs = []
+    fast = InferenceModel(nn.Conv2d(3, 4, 3), compile=True,
+                          compile_options=dict(backend=_shape_recorder(graphs), dynamic=None))
+    fast(torch.randn(1, 3, 16, 16))
+    fast(torch.randn(2, 3, 16, 12))
+    assert graphs == [False, True]

@@ -14,11 +14,15 @@
 
 #define LANES 16
 #define MAX_STATE 64
+#define MAX_RANK 256 /* step-size rank of the fused mixer kernel */
+#define MAX_WIDTH 15 /* depthwise conv width of the fused mixer kernel */
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
 int mv_max_state(void) { return MAX_STATE; }
+int mv_max_rank(void) { return MAX_RANK; }
+int mv_max_width(void) { return MAX_WIDTH; }
 
 static inline vf splat(float x) { return (vf){0} + x; }
 
@@ -220,4 +224,78 @@ int mv_selective_scan_bwd(const float *u, const float *delta, const float *A, co
         free(hist);
     }
     return failed ? -1 : 0;
+}
+
+/* ---- The MambaVision mixer's inference path, in the tokens-first layout of its linear layers ----
+ *
+ * mv_mixer_conv_silu: out = silu(depthwise conv along t of x), 'same' zero padding, for x and out
+ * (batch, L, channels) and the kernel w (channels, width), width odd.
+ *
+ * mv_mixer_ssm_fwd: the selective scan of the mixer's SSM branch with its step-size projection, and
+ * its symmetric branch passed through. act (batch, L, 2D) holds u = act[..., :D] and z = act[..., D:];
+ * proj (batch, L, R + 2N), row stride ld_proj, holds the low-rank step size, B and C; w_dt (D, R) and
+ * dt_bias (D,) are dt_proj's weight and bias. With delta = (w_dt . proj[:R] + dt_bias) + dt_bias (the bias
+ * enters twice, as in the published mixer), the scan above runs with softplus; out (batch, L, 2D) gets
+ * [y, z]. */
+
+static inline vf silu_f32(vf x) { return x / (1.0f + exp_f32(-x)); }
+
+void mv_mixer_conv_silu(const float *x, const float *w, float *out, long batch, long length, long channels,
+                        long width, int threads) {
+    long groups = (channels + LANES - 1) / LANES, half = width / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * groups; item++) {
+        long b = item / groups, d0 = (item % groups) * LANES;
+        int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
+        const float *xs = x + b * length * channels + d0;
+        float *os = out + b * length * channels + d0;
+        vf taps[MAX_WIDTH];
+        for (long j = 0; j < width; j++) {
+            float column[LANES] = {0};
+            for (int k = 0; k < lanes; k++) column[k] = w[(d0 + k) * width + j];
+            memcpy(&taps[j], column, sizeof(vf));
+        }
+        for (long t = 0; t < length; t++) {
+            vf acc = splat(0.0f);
+            for (long j = 0; j < width; j++) {
+                long s = t + j - half;
+                if (s >= 0 && s < length) acc += taps[j] * load(xs + s * channels, lanes);
+            }
+            store(os + t * channels, silu_f32(acc), lanes);
+        }
+    }
+}
+
+void mv_mixer_ssm_fwd(const float *act, const float *proj, long ld_proj, const float *w_dt, const float *dt_bias,
+                      const float *A, const float *D_skip, float *out, long batch, long length, long channels,
+                      long rank, long nstate, int threads) {
+    long groups = (channels + LANES - 1) / LANES, row = 2 * channels;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * groups; item++) {
+        long b = item / groups, d0 = (item % groups) * LANES;
+        int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
+        const float *u = act + b * length * row + d0, *p = proj + b * length * ld_proj;
+        float *y = out + b * length * row + d0;
+        vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK];
+        for (long n = 0; n < nstate; n++) {
+            a_neg[n] = load_column(A, nstate, n, d0, lanes);
+            h[n] = splat(0.0f);
+        }
+        for (long r = 0; r < rank; r++) w_cols[r] = load_column(w_dt, rank, r, d0, lanes);
+        vf bias = load(dt_bias + d0, lanes), skip = load(D_skip + d0, lanes);
+        for (long t = 0; t < length; t++) {
+            const float *pt = p + t * ld_proj;
+            vf dt = splat(0.0f);
+            for (long r = 0; r < rank; r++) dt += w_cols[r] * pt[r];
+            dt = softplus_f32((dt + bias) + bias);
+            vf ut = load(u + t * row, lanes);
+            vf du = dt * ut, yt = skip * ut;
+            for (long n = 0; n < nstate; n++) {
+                h[n] = exp_f32(dt * a_neg[n]) * h[n] + du * pt[rank + n];
+                yt += h[n] * pt[rank + nstate + n];
+            }
+            store(y + t * row, yt, lanes);
+            store(y + t * row + channels, load(u + t * row + channels, lanes), lanes);
+        }
+    }
 }

@@ -1,0 +1,145 @@
+"""MambaVision-T against ConvNeXt-T and Swin-T on a CPU, each on its best path and on float32 eager.
+
+Best path, the same treatment for every model: channels_last, BatchNorm folded (ours; the peers
+have none before a conv), conv/linear weights stored in bf16 and run under bf16 autocast, then
+``torch.compile`` with inductor's freezing, i.e. ``optimize_for_inference(bf16, compile=True)``
+for MambaVision and ``InferenceModel`` around the same rewrites for timm's peers. float32 eager
+is the model as created, under ``torch.inference_mode``.
+
+Every variant runs in this one process on the same input; variants are interleaved within each
+round (the order rotates per round) after ``--warmup`` untimed calls (compilation happens
+there). Reported: median latency, images/s, and the speed against the first peer's variant of
+the same kind (best path against best path, eager against eager) as the median of per-round
+ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`` (O(1)
+logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
+
+    python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
+"""
+import argparse
+import copy
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+import timm
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from cpu import machine, realistic_init  # noqa: E402
+import mambavision  # noqa: E402, F401  (registers the models)
+from mambavision.inference import InferenceModel, optimize_for_inference  # noqa: E402
+
+MODELS = ('mambavision_t', 'convnext_tiny', 'swin_tiny_patch4_window7_224')
+
+
+def best_path(model: nn.Module) -> nn.Module:
+    """The fastest inference treatment: ``optimize_for_inference`` for ours, its same rewrites for a timm peer."""
+    if isinstance(model, mambavision.MambaVision):
+        return optimize_for_inference(model, torch.bfloat16, compile=True)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.to(torch.bfloat16)
+    return InferenceModel(model, torch.bfloat16, compile=True)
+
+
+class Variant:
+    def __init__(self, model_name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.model_name, self.kind, self.fn = model_name, kind, fn
+        self.times: List[float] = []
+        self.out = None
+
+    @property
+    def name(self) -> str:
+        return f'{self.model_name} {self.kind}'
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.fn(x)
+
+
+def build_variants(names) -> List[Variant]:
+    variants = []
+    for name in names:
+        model = realistic_init(timm.create_model(name))
+        variants.append(Variant(name, 'fp32 eager', model))
+        variants.append(Variant(name, 'best path (bf16, compiled)', best_path(copy.deepcopy(model))))
+    return variants
+
+
+def run(args) -> str:
+    variants = build_variants(args.models)
+    lines = []
+    for bs in args.batch_sizes:
+        x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
+        for v in variants:
+            v.times = []
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                v.out = v(x).float()
+            print(f'batch {bs}: {v.name} warm-up {time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
+        for r in range(args.repeats):
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
+                t0 = time.perf_counter()
+                v(x)
+                v.times.append(time.perf_counter() - t0)
+        eager = {v.model_name: v for v in variants if v.kind == 'fp32 eager'}
+        block = [f'\n### batch {bs}\n',
+                 f'| model | path | ms (median) | img/s | speed vs {args.models[1]} same path | rel err |',
+                 '|---|---|---:|---:|---:|---:|']
+        for v in variants:
+            peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == v.kind)
+            ratio = statistics.median(p / t for p, t in zip(peer.times, v.times))
+            ref = eager[v.model_name]
+            err = float((v.out - ref.out).norm() / ref.out.norm())
+            med = statistics.median(v.times)
+            block.append(f'| {v.model_name} | {v.kind} | {med * 1e3:.1f} | {bs / med:.1f} | {ratio:.2f}x | '
+                         f'{"-" if ref is v else f"{err:.1e}"} |')
+        print('\n'.join(block), flush=True)
+        lines += block
+    return '\n'.join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(MODELS),
+                        help='timm model names; the second is the one the others are compared with')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 16])
+    parser.add_argument('--repeats', type=int, default=15, help='timed rounds (median over them)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant and batch size')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--output', help='also write the markdown report to this file')
+    args = parser.parse_args()
+    if len(args.models) < 2:
+        parser.error('--models needs at least two names (the second is the comparison)')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = datetime.datetime.now(datetime.UTC)
+    header = [
+        '## CPU inference against peers, 224x224',
+        f'- machine: {machine()}',
+        f'- date: {started:%Y-%m-%d %H:%M} UTC',
+        f'- command: `python {" ".join(shlex.quote(a) for a in sys.argv)}`',
+        f'- protocol: {args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed = median of '
+        'per-round ratios; rel err = ||logits - logits_fp32_eager|| / ||logits_fp32_eager|| over the batch',
+    ]
+    print('\n'.join(header), flush=True)
+    report = '\n'.join(header) + '\n' + run(args)
+    report += f'\n\ntotal wall time: {(datetime.datetime.now(datetime.UTC) - started).total_seconds():.0f} s\n'
+    print(report.splitlines()[-1])
+    if args.output:
+        with open(args.output, 'w') as f:
+            f.write(report)
+
+
+if __name__ == '__main__':
+    main()
