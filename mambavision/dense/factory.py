@@ -1,6 +1,5 @@
 """What ``create_detector`` and ``create_segmenter`` share: published names (with or without their tag), the
 published file of a model (checked to be of its kind and width), and the checked strict load."""
-import difflib
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +16,8 @@ _TASK_WORDS = {'det': 'detector', 'seg': 'segmenter'}
 
 def unknown_name_error(kind: str, name: str, known: Sequence[str]) -> ValueError:
     """A one-line error for an unknown model ``name`` of ``kind`` ('detector', ...), naming close matches."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    from ..factory import close_names
+    close = close_names(name, known)
     hint = f'did you mean {", ".join(close)}?' if close else f'known: {", ".join(known)}'
     return ValueError(f'unknown {kind} {name!r}; {hint}')
 

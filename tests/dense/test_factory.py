@@ -35,6 +35,7 @@ FIXTURE_ENTRY = {
     ('det', 'cascade_mask_rcnn_mambavision_tt.nv_coco', 'cascade_mask_rcnn_mambavision_t.nv_coco'),
     ('seg', 'upernet_mambavision_tt.nv_ade20k', 'upernet_mambavision_t.nv_ade20k'),
     ('seg', 'upernet_mambavision_l', 'upernet_mambavision_l3'),
+    ('seg', 'upernet_mambavision_L3.nv_ade20k', 'upernet_mambavision_l3.nv_in21k_ade20k_640'),  # not t/s/b
 ])
 def test_unknown_name_suggests_close_names(task, name, close):
     with pytest.raises(ValueError) as info:
