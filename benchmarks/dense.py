@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -87,8 +87,9 @@ def timed_parts(model, parts, totals: Dict[str, float]):
     for attr, method in parts:
         owner = model.get_submodule(attr) if attr else model
         original = getattr(owner, method)
+        key = f'{attr or type(model).__name__}.{method}'
 
-        def wrapper(*args, _original=original, _key=f'{attr or type(model).__name__}.{method}', **kwargs):
+        def wrapper(*args, _original=original, _key=key, **kwargs):
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     s = settings(args, device)
     report = dict(
         command='python ' + shlex.join(sys.argv if argv is None else ['benchmarks/gpu.py', *argv]),
-        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         env=environment(device), settings=s, skipped=[], finished=False)
     rec = Recorder(os.path.join(args.out, 'gpu_results.json'), s['budget_s'], device, report)
     available = report['env']['scan_backends_available']
@@ -151,13 +151,15 @@ def main(argv=None) -> int:
         cpu_check = [REF_CPU] if shape[1] * shape[2] ** 2 <= CPU_ORACLE_MAX else []
         for backend in backends + cpu_check:
             row = dict(backend=backend, batch=shape[0], channels=shape[1], length=shape[2], state=shape[3])
-            rec.run('scan', row, lambda: check_scan(backend, shape, s['seed'] + i, device, oracle))
+            rec.run('scan', row, lambda backend=backend, shape=shape, seed=s['seed'] + i: check_scan(
+                backend, shape, seed, device, oracle))
         oracle.pop(shape, None)
     cache = {}
     for backend in backends:
         rec.run('model', dict(backend=backend, model=s['check_model'], batch=s['check_batch'],
                               img_size=s['check_img_size']),
-                lambda: check_model(backend, s['check_model'], s['check_batch'], s['check_img_size'], device, cache))
+                lambda backend=backend: check_model(backend, s['check_model'], s['check_batch'], s['check_img_size'],
+                                                    device, cache))
     cache.clear()
 
     torch.backends.cudnn.benchmark = s['cudnn_benchmark']

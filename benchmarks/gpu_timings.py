@@ -96,7 +96,7 @@ def timing_section(rec: Recorder, section: str, names: List[str], backends: List
             step, error = None, describe_error(e)
         if mode != 'eager' and step is not None:
             row = rec.run('compile', dict(base, section=section, compile_backend=s['compile_backend']),
-                          lambda: first_call(step, device), kind='compile')
+                          lambda step=step: first_call(step, device), kind='compile')
             if 'compile_s' not in row:
                 error = f"torch.compile did not run: {row.get('error') or row.get('skipped')}"
                 step = None
@@ -106,7 +106,7 @@ def timing_section(rec: Recorder, section: str, names: List[str], backends: List
                 rec.add(section, dict(row, error=error))
                 continue
 
-            def timed(backend=backend):
+            def timed(backend=backend, step=step, params=params):
                 set_scan_backend(backend)
                 for p in params:  # a failed training step leaves gradients the next step would add to
                     p.grad = None

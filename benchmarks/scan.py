@@ -68,7 +68,7 @@ def main():
     lines = [
         '## Selective scan backends (CPU)',
         f'- torch {torch.__version__}, {torch.get_num_threads()} threads, '
-        f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC',
+        f'{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC',
         f'- command: `python {" ".join(shlex.quote(a) for a in sys.argv)}`',
         '',
         '| shape (B, D, L), N=8 | dtype | pass | backend | ms (median) | speed-up vs reference | max rel err |',

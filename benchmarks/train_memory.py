@@ -63,7 +63,7 @@ def main():
         return
     lines = [
         f'## Training-step memory on CPU: {args.model}, batch {args.batch}, {args.size}x{args.size}',
-        f'- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; '
+        f'- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; '
         f'command: `python {" ".join(shlex.quote(a) for a in sys.argv)}`',
         '- peak RSS minus RSS before the step, fresh process per row; the whole step adds AdamW state',
         '',

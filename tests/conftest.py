@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 import tempfile
-from functools import cached_property, lru_cache
+from functools import cached_property, cache
 from pathlib import Path
 
 # A Hugging Face cache of the machine (real published weights, say) must not change what the tests see:
@@ -105,7 +105,7 @@ def scan_visible_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny_fixture(name: str) -> TinyFixture:
     return TinyFixture(name)
 

@@ -30,7 +30,7 @@ def _load(path: Path) -> dict:
 def _train_parser() -> argparse.ArgumentParser:
     """The parser of `mambavision train`, built as the CLI builds it."""
     parser = argparse.ArgumentParser()
-    getattr(importlib.import_module(COMMANDS['train'][0]), 'add_arguments_train')(parser)
+    importlib.import_module(COMMANDS['train'][0]).add_arguments_train(parser)
     return parser
 
 
@@ -53,12 +53,17 @@ def test_config_matches_registered_model(path):
     with torch.device('meta'):
         ours = timm.create_model(name, **config['architecture'], drop_path_rate=config['train']['drop_path'])
         registered = timm.create_model(name)
-    assert [(n, t.shape) for n, t in ours.state_dict().items()] == [(n, t.shape) for n, t in registered.state_dict().items()]
-    rates = lambda m: [d.drop_prob for d in m.modules() if isinstance(d, DropPath)]
+    assert [(n, t.shape) for n, t in ours.state_dict().items()] == \
+        [(n, t.shape) for n, t in registered.state_dict().items()]
+
+    def rates(m):
+        return [d.drop_prob for d in m.modules() if isinstance(d, DropPath)]
+
     assert rates(ours) == rates(registered) and rates(ours)
     # weights and eval preprocessing: the pretrained cfg timm uses for this checkpoint
     cfg = timm.models.get_pretrained_cfg(name)
-    assert config['weights'] == dict(hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, num_classes=cfg.num_classes)
+    assert config['weights'] == dict(
+        hf_hub_id=cfg.hf_hub_id, hf_hub_filename=cfg.hf_hub_filename, num_classes=cfg.num_classes)
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in config['data'].items()}
     assert data == {k: getattr(cfg, k) for k in data} and set(data) == {
         'input_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std'}

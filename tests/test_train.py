@@ -1,7 +1,9 @@
-"""``mambavision train`` / ``validate``: two-process DDP on CPU, a real kill mid-epoch and an exact resume, clear errors."""
+"""``mambavision train`` / ``validate``: two-process DDP on CPU, a real kill mid-epoch and an exact resume,
+clear errors."""
 import argparse
 import json
 import math
+import pickle
 import os
 import random
 import re
@@ -170,7 +172,8 @@ def test_validate_on_the_trained_checkpoint(run, tmp_path):
     best = max(_rows(run['out']), key=lambda r: r['top1'])
     assert res['top1'] == pytest.approx(best['top1']) and res['loss'] == pytest.approx(best['val_loss'], rel=1e-4)
     rc = main(['validate', '--data-dir', str(run['data']), '--model', 'test_mambavision', '--checkpoint',
-               str(run['out'] / 'best.pth.tar'), '--ema', '--img-size', '32', '--workers', '0', '--results-file', str(results)])
+               str(run['out'] / 'best.pth.tar'), '--ema', '--img-size', '32', '--workers', '0',
+               '--results-file', str(results)])
     res = json.loads(results.read_text())
     assert rc == 0 and res['ema'] and res['top1'] == pytest.approx(best['ema_top1'])
     # a folder whose sub-folders are the classes (no split folder) validates the same images
@@ -190,7 +193,8 @@ def test_single_process_fine_tune_from_published_weights(tmp_path, capsys):
     rc = main(['train', '--data-dir', str(data), '--model', 'test_mambavision', '--pretrained', '--pretrained-file',
                str(weights), '--num-classes', '4', '--img-size', '32', '--batch-size', '8', '--epochs', '1',
                '--lr', '1e-5', '--workers', '0', '--amp', 'bf16', '--grad-checkpointing', '--output', str(out),
-               '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0', '--reprob', '0.25', '--clip-grad', '5'])
+               '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0', '--reprob', '0.25',
+               '--clip-grad', '5'])
     assert rc == 0
     ckpt = load_checkpoint(str(out / 'last.pth.tar'), 'test_mambavision')
     assert ckpt['state_dict']['head.fc.weight'].shape == (4, published['head.fc.weight'].shape[1])
@@ -222,7 +226,8 @@ def test_clear_errors(tmp_path, capsys):
     assert 'Found 0 images' in _train_error(capsys, '--data-dir', str(tmp_path / 'empty'), *out)
     # a checkpoint of another model, and a weight file that is no training checkpoint
     other = tmp_path / 'other.pth.tar'
-    save_checkpoint(dict(epoch=0, state_dict={}, optimizer={}, scheduler={}, config=dict(model='mambavision_t')), str(other))
+    save_checkpoint(dict(epoch=0, state_dict={}, optimizer={}, scheduler={}, config=dict(model='mambavision_t')),
+                    str(other))
     err = _train_error(capsys, '--data-dir', str(data), '--resume', str(other), *out)
     assert f'checkpoint {other} was written for model mambavision_t, not test_mambavision' in err
     torch.save({'state_dict': {}, 'arch': 'mamba_vision_T', 'epoch': 309}, other)  # published form
@@ -242,13 +247,14 @@ def test_unreadable_images_are_skipped_with_a_warning_naming_them(tmp_path, capl
     bad = {files.index(str(garbage)), files.index(str(truncated))}
     assert [t for _, t in items] == [ds.reader.samples[i + (i in bad)][1] for i in range(len(ds))]  # the next image
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-    assert len(warnings) == 2 and str(garbage) in warnings[0] + warnings[1] and str(truncated) in warnings[0] + warnings[1]
+    both = warnings[0] + warnings[1] if len(warnings) == 2 else ''
+    assert len(warnings) == 2 and str(garbage) in both and str(truncated) in both
 
 
 def test_checkpoints_are_written_atomically(tmp_path):
     path = str(tmp_path / 'last.pth.tar')
     save_checkpoint(dict(arch='test_mambavision', epoch=3, w=torch.ones(2)), path)
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # pickle's error for a lambda differs by target
         save_checkpoint(dict(arch='test_mambavision', epoch=4, w=lambda: 0), path)  # fails while writing
     assert load_checkpoint(path)['epoch'] == 3 and os.listdir(tmp_path) == ['last.pth.tar']
 
@@ -260,4 +266,5 @@ def test_randaugment_top_magnitude_works_on_any_pillow():
     _posterize_zero_bits()
     img = Image.new('RGB', (8, 8), (200, 100, 50))
     assert max(auto_augment.AugmentOp('PosterizeIncreasing', prob=1., magnitude=10)(img).getextrema()) == (0, 0)
-    assert auto_augment.AugmentOp('PosterizeIncreasing', prob=1., magnitude=5)(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits kept
+    two_bits = auto_augment.AugmentOp('PosterizeIncreasing', prob=1., magnitude=5)(img)
+    assert two_bits.getpixel((0, 0)) == (192, 64, 0)  # 2 bits kept

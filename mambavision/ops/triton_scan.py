@@ -362,7 +362,7 @@ class _Config(NamedTuple):
     seg_chunks_bwd: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != 'cuda':  # the interpreter: stand in an H100 / H200
         return DEFAULT_SM_COUNT

@@ -12,7 +12,6 @@ import math
 import subprocess
 import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch

@@ -157,7 +157,8 @@ def _mmengine_checkpoint(state_dict, mm, full=True):
     if full:  # the runner's own checkpoint; the publishing tool keeps meta and state_dict only
         checkpoint.update(
             message_hub=dict(log_scalars={'train/loss': mm.HistoryBuffer()}, runtime_info=dict(epoch=36, hook=None)),
-            optimizer=dict(state={0: dict(step=torch.tensor(3.), exp_avg=torch.zeros(2))}, param_groups=[dict(lr=1e-4)]),
+            optimizer=dict(state={0: dict(step=torch.tensor(3.), exp_avg=torch.zeros(2))},
+                           param_groups=[dict(lr=1e-4)]),
             param_schedulers=[dict(base_lrs=[1e-4], last_step=np.int64(36))])
     return checkpoint
 

@@ -16,7 +16,10 @@ CPU_BACKENDS = mambavision.available_scan_backends('cpu')
 def _inputs(batch=2, channels=5, length=7, d_state=4, seed=0, dtype=torch.float32):
     """Random scan inputs (shapes: mambavision.ops.torch_scan's module doc)."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def rand(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
     return dict(
         u=rand(batch, channels, length).to(dtype),
         delta=(0.5 * rand(batch, channels, length)).to(dtype),

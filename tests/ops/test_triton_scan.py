@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
