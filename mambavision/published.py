@@ -34,31 +34,34 @@ class PublishedModel:
         return self.hf_repo.split('/')[-1] + '.pth'
 
 
-_COCO = dict(task='det', window_size=(8, 8, 112, 56), test_scale=(1333, 800), input_size=(800, 1344), dataset='coco')
-_ADE20K = dict(task='seg', test_scale=(2048, 512), input_size=(512, 512), dataset='ade20k')
+def _coco(name: str, arch: str, hf_repo: str, box_ap: float, mask_ap: float) -> PublishedModel:
+    """A published Cascade Mask R-CNN: COCO 3x, windows (8, 8, 112, 56), tested at (1333, 800)."""
+    return PublishedModel(name, 'det', arch, 'nv_coco', hf_repo, window_size=(8, 8, 112, 56), test_scale=(1333, 800),
+                          input_size=(800, 1344), dataset='coco', metrics={'box_ap': box_ap, 'mask_ap': mask_ap})
+
+
+def _ade20k(name: str, arch: str, tag: str, hf_repo: str, window_size: Tuple[int, int, int, int], miou: float,
+            crop: int = 512) -> PublishedModel:
+    """A published UPerNet: ADE20K 160k at crop ``crop``, tested at (4 x crop, crop)."""
+    return PublishedModel(name, 'seg', arch, tag, hf_repo, window_size=window_size, test_scale=(4 * crop, crop),
+                          input_size=(crop, crop), dataset='ade20k', metrics={'miou': miou})
+
 
 PUBLISHED_MODELS: Dict[str, PublishedModel] = {m.name: m for m in (
-    PublishedModel('cascade_mask_rcnn_mambavision_t.nv_coco', arch='mambavision_t', tag='nv_coco',
-                   hf_repo='nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco',
-                   metrics={'box_ap': 51.1, 'mask_ap': 44.3}, **_COCO),
-    PublishedModel('cascade_mask_rcnn_mambavision_s.nv_coco', arch='mambavision_s', tag='nv_coco',
-                   hf_repo='nvidia/cascade_mask_rcnn_mamba_vision_small_3x_coco',
-                   metrics={'box_ap': 52.3, 'mask_ap': 45.2}, **_COCO),
-    PublishedModel('cascade_mask_rcnn_mambavision_b.nv_coco', arch='mambavision_b', tag='nv_coco',
-                   hf_repo='nvidia/cascade_mask_rcnn_mamba_vision_base_3x_coco',
-                   metrics={'box_ap': 52.8, 'mask_ap': 45.7}, **_COCO),
-    PublishedModel('upernet_mambavision_t.nv_ade20k', arch='mambavision_t', tag='nv_ade20k',
-                   hf_repo='nvidia/mamba_vision_160k_ade20k-512x512_tiny', window_size=(8, 8, 64, 32),
-                   metrics={'miou': 46.0}, **_ADE20K),
-    PublishedModel('upernet_mambavision_s.nv_ade20k', arch='mambavision_s', tag='nv_ade20k',
-                   hf_repo='nvidia/mamba_vision_160k_ade20k-512x512_small', window_size=(8, 8, 160, 56),
-                   metrics={'miou': 48.2}, **_ADE20K),
-    PublishedModel('upernet_mambavision_b.nv_ade20k', arch='mambavision_b', tag='nv_ade20k',
-                   hf_repo='nvidia/mamba_vision_160k_ade20k-512x512_base', window_size=(8, 8, 64, 32),
-                   metrics={'miou': 49.1}, **_ADE20K),
-    PublishedModel('upernet_mambavision_l3.nv_in21k_ade20k_640', arch='mambavision_l3_256', tag='nv_in21k_ade20k_640',
-                   hf_repo='nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', window_size=(8, 8, 64, 32),
-                   metrics={'miou': 53.2}, **dict(_ADE20K, test_scale=(2560, 640), input_size=(640, 640))),
+    _coco('cascade_mask_rcnn_mambavision_t.nv_coco', 'mambavision_t',
+          'nvidia/cascade_mask_rcnn_mamba_vision_tiny_3x_coco', 51.1, 44.3),
+    _coco('cascade_mask_rcnn_mambavision_s.nv_coco', 'mambavision_s',
+          'nvidia/cascade_mask_rcnn_mamba_vision_small_3x_coco', 52.3, 45.2),
+    _coco('cascade_mask_rcnn_mambavision_b.nv_coco', 'mambavision_b',
+          'nvidia/cascade_mask_rcnn_mamba_vision_base_3x_coco', 52.8, 45.7),
+    _ade20k('upernet_mambavision_t.nv_ade20k', 'mambavision_t', 'nv_ade20k',
+            'nvidia/mamba_vision_160k_ade20k-512x512_tiny', (8, 8, 64, 32), 46.0),
+    _ade20k('upernet_mambavision_s.nv_ade20k', 'mambavision_s', 'nv_ade20k',
+            'nvidia/mamba_vision_160k_ade20k-512x512_small', (8, 8, 160, 56), 48.2),
+    _ade20k('upernet_mambavision_b.nv_ade20k', 'mambavision_b', 'nv_ade20k',
+            'nvidia/mamba_vision_160k_ade20k-512x512_base', (8, 8, 64, 32), 49.1),
+    _ade20k('upernet_mambavision_l3.nv_in21k_ade20k_640', 'mambavision_l3_256', 'nv_in21k_ade20k_640',
+            'nvidia/mamba_vision_160k_ade20k-640x640_l3_21k', (8, 8, 64, 32), 53.2, crop=640),
 )}
 
 
