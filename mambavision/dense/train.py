@@ -577,6 +577,8 @@ def train_dense(model: nn.Module, config: DenseTrainConfig, train_set, collate: 
                      accumulation, start, iters, eval_every, checkpoint_every, val_set, logger, best)
     finally:
         logger.close()
+    if world > 1:
+        dist.barrier()  # rank 0's checkpoints are written when any rank returns
     return dict(iteration=iters, best=best, last=os.path.join(config.output, 'last.pth'),
                 best_checkpoint=os.path.join(config.output, 'best.pth') if best else None)
 
@@ -613,7 +615,8 @@ def _loop(step_module, model, optimizer, scaler, loader, lrs, config, device, ra
 
     best_key = _BEST_METRIC[config.task]
     batches = iter(loader)
-    bar = tqdm(total=iters, initial=start, desc=f'train {config.task}', disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=iters, initial=start, desc=f'train {config.task}', disable=None if rank == 0 else True,
+               dynamic_ncols=True)
     sums: Dict[str, float] = {}
     window_start, window_iters = time.perf_counter(), 0
     for iteration in range(start, iters):

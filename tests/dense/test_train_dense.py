@@ -88,11 +88,11 @@ def collate(batch):
     return torch.stack(images), torch.stack(labels)
 
 
-def tiny_upernet(dropout: float = 0.1, drop_path: float = 0.) -> UPerNet:
+def tiny_upernet(dropout: float = 0.1, drop_path: float = 0., width: int = 16) -> UPerNet:
     torch.manual_seed(0)
-    backbone = create_dense_backbone('test_mambavision', (8, 8, 8, 4), dim=16, in_dim=8, depths=(1, 1, 1, 1),
+    backbone = create_dense_backbone('test_mambavision', (8, 8, 8, 4), dim=width, in_dim=8, depths=(1, 1, 1, 1),
                                      num_heads=(1, 1, 2, 2), drop_path_rate=drop_path)
-    return UPerNet(backbone, num_classes=len(CLASSES), channels=16, aux_channels=8, dropout=dropout,
+    return UPerNet(backbone, num_classes=len(CLASSES), channels=width, aux_channels=8, dropout=dropout,
                    test_scale=(64, 64), class_names=CLASSES, palette=PALETTE)
 
 
@@ -182,26 +182,28 @@ def test_batch_split_must_make_the_total():
 
 
 def test_tiny_upernet_learns_synthetic_shapes(tmp_path):
-    """200 iterations of 8 images: mIoU well above what guessing gives (~15 %) and above 80 %."""
-    torch.manual_seed(0)
-    model = tiny_upernet(dropout=0.)
-    config = _config(tmp_path, 'learn', iters=240, lr=3e-3, warmup_iters=10, total_batch=8, batch_size=8,
-                     eval_interval=240, log_interval=40)
+    """160 iterations of 8 images from scratch: mIoU far above what predicting the background gives (21 %)."""
+    model = tiny_upernet(dropout=0., width=32)
+    config = _config(tmp_path, 'learn', iters=160, lr=2e-3, warmup_iters=10, total_batch=8, batch_size=8,
+                     eval_interval=80, log_interval=40)
     summary = train_dense(model, config, ShapesDataset(range(64), train=True), collate,
                           ShapesDataset(range(1000, 1016), train=False))
-    assert summary['best']['mIoU'] > 80, summary
+    assert summary['best']['mIoU'] > 70, summary
     rows = [json.loads(line) for line in open(tmp_path / 'learn' / 'metrics.jsonl')]
     train_rows = [r for r in rows if r['kind'] == 'train']
     assert train_rows[-1]['loss'] < 0.5 * train_rows[0]['loss']
-    assert rows[-1]['kind'] == 'val' and rows[-1]['mIoU'] == summary['best']['mIoU']
+    val_rows = [r for r in rows if r['kind'] == 'val']
+    assert [r['iter'] for r in val_rows] == [80, 160]
+    assert max(r['mIoU'] for r in val_rows) == summary['best']['mIoU']
     saved = json.loads((tmp_path / 'learn' / 'config.json').read_text())
-    assert saved['lr'] == 3e-3 and saved['accumulation'] == 1 and saved['world_size'] == 1
+    assert saved['lr'] == 2e-3 and saved['accumulation'] == 1 and saved['world_size'] == 1
 
     # the best checkpoint: weights_only-readable, loads strictly, carries class names and palette
     best = read_checkpoint(str(tmp_path / 'learn' / 'best.pth'))
     assert best['meta']['dataset_meta'] == dict(classes=list(CLASSES), palette=[list(c) for c in PALETTE])
-    assert best['meta']['iteration'] == 240 and best['meta']['metrics']['mIoU'] == summary['best']['mIoU']
-    fresh = tiny_upernet()
+    assert best['meta']['iteration'] == summary['best']['iteration']
+    assert best['meta']['metrics']['mIoU'] == summary['best']['mIoU']
+    fresh = tiny_upernet(width=32)
     load_state_dict_strict(fresh, read_state_dict(str(tmp_path / 'learn' / 'best.pth')), 'best.pth')
     image, label = _shapes_sample(1000)
     pred = fresh.eval().predict(image)[0]['labels']
@@ -246,16 +248,19 @@ def _two_process_worker(rank: int, store: str, output: str, result: str):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
+        _check_sync_batchnorm(rank)
         config = DenseTrainConfig(**dict(json.loads(open(output + '.json').read()), output=output))
-        train_dense(tiny_upernet(dropout=0.), config, ShapesDataset(range(12), train=True), collate)
+        model = tiny_upernet(dropout=0.)
+        train_dense(model, config, ShapesDataset(range(12), train=True), collate)
         if rank == 1:  # rank 1's replica (rank 0 writes last.pth): DDP keeps them equal
-            torch.save(read_checkpoint(output + '/last.pth')['state_dict'], result)
+            torch.save(model.state_dict(), result)
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_equal_one(tmp_path):
-    """2 gloo processes x 2 images (SyncBatchNorm, CPU) make the same weights after 4 steps as 1 process x 4."""
+    """2 gloo processes x 2 images (SyncBatchNorm, CPU) make the same weights after 4 steps as 1 process x 4
+    (and SyncBatchNorm2d alone equals BatchNorm2d of the whole batch, checked in the workers)."""
     settings = dict(task='seg', model_name='tiny_upernet', iters=4, lr=2e-3, weight_decay=0.01, warmup_iters=2,
                     total_batch=8, amp='none', eval_interval=0, log_interval=2, workers=0, seed=3, sync_bn='all')
     one = DenseTrainConfig(**dict(settings, output=str(tmp_path / 'one'), batch_size=4))
@@ -269,41 +274,45 @@ def test_two_processes_equal_one(tmp_path):
     double = read_checkpoint(output + '/last.pth')['state_dict']
     rank1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
     assert single.keys() == double.keys()
-    start = tiny_upernet().state_dict()
+    # Adam moves a parameter by about the lr per step whatever its gradient's size, unless the gradient is below
+    # its eps (1e-8): then rounding noise counts, and for those whose gradient is zero in exact arithmetic (biases
+    # right before a BatchNorm, which removes any constant) it is all there is. Parameters the single run moved by
+    # less than lr / 4 only have to stay small; all others must agree.
+    start, lr = tiny_upernet().state_dict(), settings['lr']
+    bad, noise_driven = [], []
     for name, tensor in single.items():
         assert torch.equal(double[name], rank1[name]), name
-        if tensor.is_floating_point():
-            moved = (tensor - start[name]).abs().max()
-            torch.testing.assert_close(double[name], tensor, rtol=0, atol=1e-5 + 1e-3 * moved.item(), msg=name)
+        if not tensor.is_floating_point():
+            continue
+        moved = (tensor - start[name]).abs().max().item()
+        diff = (double[name] - tensor).abs().max().item()
+        if moved < lr / 4 and 'running_' not in name:
+            noise_driven.append(name)
+            assert (double[name] - start[name]).abs().max() < lr / 4, name
+        elif diff > 1e-5 + 1e-3 * moved:
+            bad.append((name, diff, moved))
+    assert not bad, bad
+    assert len(noise_driven) < 0.1 * len(single), noise_driven
     assert double['decode_head.bottleneck.bn.num_batches_tracked'] == 4 * 2  # 2 micro-batches per step
 
 
-def test_sync_batchnorm_on_cpu_equals_batchnorm_of_the_whole_batch(tmp_path):
-    """Outputs, input gradients and running statistics of SyncBatchNorm2d on 2 gloo processes = BatchNorm2d on
-    both halves together (checked inside the workers)."""
-    mp.start_processes(_sync_bn_worker, args=(str(tmp_path / 'store'),), nprocs=2, start_method='spawn')
-
-
-def _sync_bn_worker(rank: int, store: str):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        x = (torch.randn(4, 3, 5, 6) * 3 + 1).requires_grad_()
-        weights = torch.randn(4, 3, 5, 6)
-        reference = torch.nn.BatchNorm2d(3)
-        sync = SyncBatchNorm2d(3)
-        expected = reference(x)
-        (expected * weights).sum().backward()
-        half = x.detach()[2 * rank:2 * rank + 2].clone().requires_grad_()
-        out = sync(half)
-        (out * weights[2 * rank:2 * rank + 2]).sum().backward()
-        torch.testing.assert_close(out, expected[2 * rank:2 * rank + 2], atol=1e-5, rtol=0)
-        torch.testing.assert_close(half.grad, x.grad[2 * rank:2 * rank + 2], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(sync.running_mean, reference.running_mean)
-        torch.testing.assert_close(sync.running_var, reference.running_var)
-    finally:
-        dist.destroy_process_group()
+def _check_sync_batchnorm(rank: int):
+    """Outputs, input gradients and running statistics of SyncBatchNorm2d on 2 gloo processes equal BatchNorm2d's on
+    both halves of the batch together."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 6) * 3 + 1).requires_grad_()
+    weights = torch.randn(4, 3, 5, 6)
+    reference = torch.nn.BatchNorm2d(3)
+    sync = SyncBatchNorm2d(3)
+    expected = reference(x)
+    (expected * weights).sum().backward()
+    half = x.detach()[2 * rank:2 * rank + 2].clone().requires_grad_()
+    out = sync(half)
+    (out * weights[2 * rank:2 * rank + 2]).sum().backward()
+    torch.testing.assert_close(out, expected[2 * rank:2 * rank + 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(half.grad, x.grad[2 * rank:2 * rank + 2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sync.running_mean, reference.running_mean)
+    torch.testing.assert_close(sync.running_var, reference.running_var)
 
 
 def test_checkpoint_of_the_engine_is_weights_only_safe(tmp_path):
