@@ -150,6 +150,29 @@ def test_every_gradient_is_mmdets(train_step):
     assert not gradient_errors(grads, published_to_ours(golden, 'grad.'), TIED_GRAD_REL_TOL)
 
 
+def test_published_sampler_sizes_draw_as_mmdet_does(fixture_model, train_step):
+    """With 256 anchors per image drawn at random, a generator seeded as mmdet's global one was
+    (torch.manual_seed) draws the same anchors: the RPN losses equal mmdet's. (The stages draw 512 rois
+    by their index among the proposals, whose order among exactly tied scores is the NMS kernel's: the
+    indices drawn match mmdet's (seen by logging torch.randperm in both), the rois they index need not;
+    the positives are not drawn here, so the mask losses match too.)"""
+    *_, ours, _ = train_step
+    meta = json.loads((DENSE_FIXTURES / 'cascade_tiny_train.json').read_text())
+    golden = load_file(DENSE_FIXTURES / 'cascade_tiny_train.safetensors')
+    targets = [dict(boxes=golden[f'gt_boxes.{i}'], labels=golden[f'gt_labels.{i}'], masks=golden[f'gt_masks.{i}'],
+                    image_size=tuple(size)) for i, size in enumerate(meta['image_sizes'])]
+    model = tiny_detector().train()
+    model.load_state_dict(fixture_model.state_dict())
+    with torch.no_grad():
+        losses = model.loss(golden['inputs'].float(), targets, generator=torch.Generator().manual_seed(0))
+    assert {f'sampled.loss.{name}' for name in losses} == {k for k in ours if k.startswith('sampled.loss.')}
+    for name, value in losses.items():
+        if name.startswith('loss_rpn') or name.endswith('loss_mask'):
+            expected = ours[f'sampled.loss.{name}'].item()
+            assert abs(value.item() - expected) <= LOSS_REL_TOL * abs(expected) + 1e-9, name
+    assert ours['sampled.loss.loss_rpn_cls.0'] != ours['loss.loss_rpn_cls.0']  # it did sample
+
+
 def small_batch(num_objects=(3, 2), masks=True):
     """Two images (96 x 128 and 80 x 100) padded to 96 x 128, with random boxes of classes 0-79."""
     gen = torch.Generator().manual_seed(0)
