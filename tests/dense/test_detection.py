@@ -191,3 +191,16 @@ def test_test_configuration_is_the_fixtures():
         assert model.rpn_head.strides == tuple(model_cfg['rpn_head']['anchor_generator']['strides'])
     assert tiny_detector().transform.test_scale == tuple(config['test_pipeline'][1]['scale'])
     assert all(model.transform.test_scale == (1333, 800) for model in published)
+
+
+def test_predict_runs_in_eval_mode_and_restores_the_mode(confident_tiny):
+    """The box heads' BatchNorm would normalise by the batch in train mode; predict switches to eval and back."""
+    image = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    expected = confident_tiny.predict(image)[0]
+    confident_tiny.train()
+    try:
+        out = confident_tiny.predict(image)[0]
+        assert confident_tiny.training and all(m.training for m in confident_tiny.modules())
+    finally:
+        confident_tiny.eval()
+    assert torch.equal(out['boxes'], expected['boxes']) and torch.equal(out['masks'], expected['masks'])
