@@ -321,10 +321,12 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp, rank, desc='val') -> Dict[str, float]:
-    """Loss, top-1 and top-5 (%) over ``loader``, summed over all ranks."""
+def evaluate(model, loader, device, amp, rank, desc='val', per_class: bool = False) -> Dict[str, Any]:
+    """Loss, top-1 and top-5 (%) over ``loader``, summed over all ranks; with ``per_class`` also
+    ``per_class_top1``, each class's top-1 (%, None for a class without samples)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, samples
+    class_counts = None  # (2, classes): top-1 hits and samples per class
     for x, y in _progress(loader, rank, desc):
         with amp_autocast(device.type, amp):
             out = model(x)
@@ -333,10 +335,19 @@ def evaluate(model, loader, device, amp, rank, desc='val') -> Dict[str, float]:
         totals += torch.stack([
             F.cross_entropy(out.float(), y, reduction='sum'), top1 * n / 100, top5 * n / 100, torch.ones_like(top1) * n,
         ]).double()
+        if per_class:
+            if class_counts is None:
+                class_counts = torch.zeros(2, out.shape[-1], dtype=torch.float64, device=device)
+            class_counts[0].index_add_(0, y, (out.argmax(-1) == y).double())
+            class_counts[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     totals = _all_sum(totals, device)
     n = max(totals[3].item(), 1)
-    return dict(loss=totals[0].item() / n, top1=100 * totals[1].item() / n, top5=100 * totals[2].item() / n,
-                samples=int(totals[3].item()))
+    metrics = dict(loss=totals[0].item() / n, top1=100 * totals[1].item() / n, top5=100 * totals[2].item() / n,
+                   samples=int(totals[3].item()))
+    if per_class and class_counts is not None:
+        hits, samples = _all_sum(class_counts, device).tolist()
+        metrics['per_class_top1'] = [100 * h / s if s else None for h, s in zip(hits, samples)]
+    return metrics
 
 
 def train(args: argparse.Namespace) -> int:
@@ -552,8 +563,13 @@ def validate(args: argparse.Namespace, device: torch.device, rank: int = 0) -> D
     data_config = resolve_data_config({k: v for k, v in config['data'].items() if v is not None}, model=model)
     loader = _loader(ds, data_config, args.batch_size, False, args, device)
     model.to(device)
-    metrics = evaluate(model, loader, device, args.amp, rank)
-    return dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', ema=args.ema,
-                top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], samples=metrics['samples'],
-                input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
-                crop_mode=data_config['crop_mode'], interpolation=data_config['interpolation'])
+    metrics = evaluate(model, loader, device, args.amp, rank, per_class=getattr(args, 'per_class', False))
+    results = dict(model=args.model, checkpoint=args.checkpoint or 'pretrained', ema=args.ema,
+                   top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'], samples=metrics['samples'],
+                   input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+                   crop_mode=data_config['crop_mode'], interpolation=data_config['interpolation'])
+    if 'per_class_top1' in metrics:
+        names = classes or model.pretrained_cfg.get('label_names') or []
+        results['per_class'] = {(str(names[i]) if i < len(names) else f'class {i}'): top1
+                                for i, top1 in enumerate(metrics['per_class_top1'])}
+    return results

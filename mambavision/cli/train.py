@@ -66,7 +66,7 @@ def add_arguments_validate(parser: argparse.ArgumentParser):
     parser.add_argument('--batch-size', type=int, default=64, help='images per process and step')
     parser.add_argument('--results-file', help='also write the results (JSON) here')
     parser.add_argument('--per-class', action='store_true',
-                        help='--task seg|det: also each class\'s IoU and Acc / AP (percent, as every metric)')
+                        help="also each class's metrics (percent, as every metric): top-1, IoU and Acc, or AP")
     _add_config_options(parser, ('data',))
 
 
@@ -105,16 +105,13 @@ def run_validate(args: argparse.Namespace) -> int:
     """``mambavision validate``: a classifier's loss, top-1, top-5, or a segmenter's / detector's metrics."""
     import torch.distributed as dist
 
-    from mambavision.runtime import UserError, init_distributed
+    from mambavision.runtime import init_distributed
     from mambavision.train import _setup_logging, validate
 
     device, rank, world = init_distributed(args.device)
     try:
         _setup_logging(rank)
         if args.task == 'cls':
-            if args.per_class:
-                raise UserError('--per-class applies to --task seg and --task det (classification gives top-1, '
-                                'top-5 and the loss over all classes)')
             if args.pretrained:
                 _fetch_pretrained(args.model, '--checkpoint')
             results = validate(args, device, rank)

@@ -357,3 +357,24 @@ def test_benchmark_warns_of_fp16_on_a_cpu(capsys):
     assert 'bf16' in err[0]
     assert main(argv + ['--amp', 'bf16']) == 0
     assert 'warning' not in capsys.readouterr().err
+
+
+def test_validate_classification_per_class_on_request(tmp_path, capsys):
+    """Three colour classes, the classifier rigged to answer 'blue' for everything: 100 % for blue, 0 for the
+    others, 1/3 overall; the per-class rows only with --per-class."""
+    for name, colour in (('blue', (30, 40, 220)), ('green', (30, 200, 40)), ('red', (220, 30, 30))):
+        (tmp_path / 'val' / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new('RGB', (32, 32), colour).save(tmp_path / 'val' / name / f'{i}.png')
+    model = timm.create_model('test_mambavision', num_classes=3)
+    with torch.no_grad():
+        model.head.fc.weight.zero_()
+        model.head.fc.bias.copy_(torch.tensor([5., 0., 0.]))
+    torch.save(model.state_dict(), tmp_path / 'blue.pth')
+    argv = ['validate', '--model', 'test_mambavision', '--checkpoint', str(tmp_path / 'blue.pth'), '--data-dir',
+            str(tmp_path), '--img-size', '32', '--workers', '0', '--device', 'cpu']
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results['top1'] == pytest.approx(100 / 3) and 'per_class' not in results
+    assert main(argv + ['--per-class']) == 0
+    assert json.loads(capsys.readouterr().out)['per_class'] == dict(blue=100, green=0, red=0)
