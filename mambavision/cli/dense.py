@@ -39,6 +39,7 @@ def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: 
     (cache or hub), or (``random_weights``) random ones, in eval mode on ``device``; every failure is one line
     (published weights that cannot be had: which file to download, and ``--checkpoint`` or ``random_flag``)."""
     import mambavision
+    from mambavision.dense.factory import published_entry
     from mambavision.factory import fetch_published_weights
 
     factory = mambavision.create_segmenter if task == 'seg' else mambavision.create_detector
@@ -50,11 +51,12 @@ def create_dense_model(task: str, name: str, checkpoint: Optional[str], device: 
             print(f'mambavision {command}: RANDOM weights (--random-weights): the outputs mean nothing',
                   file=sys.stderr)
         elif not checkpoint:
-            with torch.device('meta'):  # the published file's name, without building the model
-                published = getattr(factory(name), 'published', None)
-            if published:
-                checkpoint = fetch_published_weights(name, published['hf_repo'], published['file'], '--checkpoint',
-                                                     random_flag)
+            try:
+                entry = published_entry(task, name)
+            except ValueError:  # not a published name: the factory names the mistake (or takes a model of one's own)
+                entry = None
+            if entry is not None:  # into the local cache, where the factory finds it; or one line: what to do
+                fetch_published_weights(name, entry.hf_repo, entry.hf_file, '--checkpoint', random_flag)
         model = factory(name, pretrained=not (checkpoint or random_weights), checkpoint_path=checkpoint)
     except ValueError as e:  # unknown name (with close names), bad option
         raise UserError(one_line(e)) from None

@@ -14,6 +14,7 @@ from pycocotools import mask as pycocotools_mask
 from safetensors.torch import load_file
 
 import mambavision
+from mambavision import weights
 from mambavision.cli import main
 from mambavision.dense.detection import CascadeMaskRCNN, create_detector
 from mambavision.dense.evaluate import COCO_CATEGORY_IDS
@@ -54,7 +55,10 @@ class StubModel(torch.nn.Module):
 
 @pytest.fixture
 def use_stub(monkeypatch):
-    """``use_stub(factory_name, model)``: the factory returns ``model``; returns the list of its calls' arguments."""
+    """``use_stub(factory_name, model)``: the factory returns ``model`` (and the published files count as
+    downloaded); returns the list of its calls' arguments."""
+    monkeypatch.setattr(weights, 'download_weights', lambda repo_id, filename, cache_dir=None: f'cache/{filename}')
+
     def install(factory_name, model):
         calls = []
 
@@ -89,7 +93,7 @@ def test_segment(tmp_path, use_stub, capsys):
         {(40, 60): dict(labels=torch.from_numpy(labels), logits=torch.zeros(3, 40, 60))}, SEG_CLASSES, SEG_PALETTE))
     out = tmp_path / 'out'
     assert main(['segment', str(tmp_path / 'street.png'), '--output', str(out)]) == 0
-    assert calls[-1] == dict(name='upernet_mambavision_t.nv_ade20k', pretrained=True, checkpoint_path=None)
+    assert calls == [dict(name='upernet_mambavision_t.nv_ade20k', pretrained=True, checkpoint_path=None)]
     assert capsys.readouterr().out.strip().endswith('(sky 75.0%, road 25.0%)')
 
     label_png = Image.open(out / 'street_labels.png')
