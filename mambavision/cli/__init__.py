@@ -15,7 +15,8 @@ Any exception a command raises is printed as one line,
 ``mambavision <command>: error: <message>``, with a non-zero exit status; ``--debug``
 (or the environment variable ``MAMBAVISION_DEBUG=1``) shows the traceback instead.
 A ``mambavision.runtime.UserError`` (bad input) is printed as is, any other error with a
-pointer to ``--debug``.
+pointer to ``--debug``. Usage errors (an unknown option, a bad value) are one line too, named
+after the command, with exit status 2.
 """
 import argparse
 import importlib
