@@ -350,5 +350,5 @@ def resolve_weights_source(cfg, cache_dir: Optional[str] = None):
     repo_id, revision = hf_split(cfg.hf_hub_id)
     cached = _cached_hub_file(
         repo_id, cfg.hf_hub_filename, cache_dir, revision,
-        'pass pretrained_cfg_overlay=dict(file=PATH) to load a local copy')
+        'download it and pass pretrained_cfg_overlay=dict(file=PATH), or see the README, "Weights and offline use"')
     return dataclasses.replace(cfg, file=cached, custom_load=True) if cached else cfg
