@@ -28,7 +28,7 @@ __all__ = ['main', 'COMMANDS', 'int_at_least']
 
 COMMANDS = {
     'info': ('mambavision.cli.info', 'show versions, device, scan backends and the models with their size and cost'),
-    'predict': ('mambavision.cli.predict', 'classify images (ImageNet-1k top-k) with a pretrained model'),
+    'predict': ('mambavision.cli.predict', "top-k classes of images and folders (ImageNet-1k, or a checkpoint's own)"),
     'benchmark': ('mambavision.cli.benchmark', 'measure inference throughput and latency'),
     'train': ('mambavision.cli.train', 'train or fine-tune on an image dataset, one process or many under torchrun'),
     'validate': ('mambavision.cli.train', 'top-1, top-5 and loss of a checkpoint or the published weights '

@@ -24,7 +24,8 @@ def add_arguments_predict(parser: argparse.ArgumentParser):
                         help='classes shown per image (default 5)')
     parser.add_argument('--device', help="'cpu', 'cuda' or 'cuda:N' (default: cuda when available)")
     parser.add_argument('--json', action='store_true',
-                        help='print one JSON list: per image its path and top-k classes (index, label, percent)')
+                        help='print one JSON object: the model and, per image, its path and top-k classes '
+                             '(index, label, percent)')
 
 
 def run_predict(args) -> int:
