@@ -171,7 +171,7 @@ class MambaVisionMixer(nn.Module):
         if torch.is_autocast_enabled('cpu'):  # the conv weights autocast would use
             weight = weight.to(torch.get_autocast_dtype('cpu'))
         act = mixer_cpu.mixer_conv_silu(xz, weight)
-        proj = self.x_proj(act[..., :act.shape[-1] // 2])
+        proj = self.x_proj(act[..., :act.shape[-1] // 2].to(xz.dtype))
         A = -torch.exp(self.A_log.float())
         y = mixer_cpu.mixer_ssm(act, proj, self.dt_proj.weight, self.dt_proj.bias, A, self.D)
         return self.out_proj(y.to(xz.dtype))

@@ -134,6 +134,10 @@ def test_mixer_inference_takes_the_kernels_and_matches_the_op_path(kwargs, monke
         low = mixer(x)
     assert low.dtype == torch.bfloat16
     assert ((low.float() - expected).norm() / expected.norm()).item() < 2e-2
+    with torch.no_grad():  # a bf16 model, no autocast
+        low = mixer.to(torch.bfloat16)(x.bfloat16())
+    assert calls == [1, 1, 1] and low.dtype == torch.bfloat16
+    assert ((low.float() - expected).norm() / expected.norm()).item() < 3e-2
 
 
 def test_without_kernels_the_mixer_runs_the_op_path(monkeypatch):
