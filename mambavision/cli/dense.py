@@ -133,8 +133,8 @@ def run_detect(args) -> int:
     os.makedirs(args.output, exist_ok=True)
     for image_id, (path, stem) in enumerate(stems.items()):
         image, result = _predict(model, path)
-        keep = result['scores'] > args.score_threshold
-        detections = {k: v[keep].cpu() for k, v in result.items()}
+        kept = int((result['scores'] > args.score_threshold).sum())  # best first: the kept lead (a view, no copy)
+        detections = {k: v[:kept].cpu() for k, v in result.items()}
         picture_file, json_file = (os.path.join(args.output, f'{stem}_detections.{ext}') for ext in ('png', 'json'))
         draw_detections(image, detections, model.class_names, model.palette).save(picture_file)
         with open(json_file, 'w') as f:
