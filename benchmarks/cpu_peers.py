@@ -12,6 +12,8 @@ there). Reported: median latency, images/s, and the speed against the first peer
 the same kind (best path against best path, eager against eager) as the median of per-round
 ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`` (O(1)
 logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
+``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
+training path, and the inference path before ``ops.mixer_cpu``'s fused kernels), for a before/after.
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
 """
@@ -51,6 +53,14 @@ def best_path(model: nn.Module) -> nn.Module:
     return InferenceModel(model, torch.bfloat16, compile=True)
 
 
+def op_path(model: nn.Module) -> nn.Module:
+    """``model`` with every mixer on the scan op's path (no fused kernels), as during training."""
+    for m in model.modules():
+        if isinstance(m, mambavision.MambaVisionMixer):
+            m._fused_applies = lambda x: False
+    return model
+
+
 class Variant:
     def __init__(self, model_name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.model_name, self.kind, self.fn = model_name, kind, fn
@@ -66,17 +76,20 @@ class Variant:
             return self.fn(x)
 
 
-def build_variants(names) -> List[Variant]:
+def build_variants(names, with_op_path: bool = False) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         variants.append(Variant(name, 'fp32 eager', model))
         variants.append(Variant(name, 'best path (bf16, compiled)', best_path(copy.deepcopy(model))))
+        if with_op_path and isinstance(model, mambavision.MambaVision):
+            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model))))
+            variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model)))))
     return variants
 
 
 def run(args) -> str:
-    variants = build_variants(args.models)
+    variants = build_variants(args.models, args.op_path)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -97,7 +110,8 @@ def run(args) -> str:
                  f'| model | path | ms (median) | img/s | speed vs {args.models[1]} same path | rel err |',
                  '|---|---|---:|---:|---:|---:|']
         for v in variants:
-            peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == v.kind)
+            kind = 'fp32 eager' if v.kind.startswith('fp32') else 'best path (bf16, compiled)'
+            peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == kind)
             ratio = statistics.median(p / t for p, t in zip(peer.times, v.times))
             ref = eager[v.model_name]
             err = float((v.out - ref.out).norm() / ref.out.norm())
@@ -117,6 +131,8 @@ def main():
     parser.add_argument('--repeats', type=int, default=15, help='timed rounds (median over them)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant and batch size')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--op-path', action='store_true',
+                        help="also time MambaVision's mixers on the scan op's path (before/after the fused kernels)")
     parser.add_argument('--output', help='also write the markdown report to this file')
     args = parser.parse_args()
     if len(args.models) < 2:
