@@ -191,9 +191,12 @@ def create_detector(
         pretrained: download the published weights (Hugging Face; cached).
         checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
         backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
-        kwargs: ``CascadeMaskRCNN`` arguments (e.g. ``test_scale``).
+        kwargs: ``CascadeMaskRCNN`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
+            load into everything but the class-specific layers - classifiers, class-specific box regressors, mask
+            logits - which stay freshly initialised), or ``test_scale``.
     """
     entry = published_entry('det', name)
     kwargs = {'test_scale': entry.test_scale, **kwargs}
     model = CascadeMaskRCNN(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
-    return load_published_model(model, entry, checkpoint_path, pretrained)
+    return load_published_model(model, entry, checkpoint_path, pretrained,
+                                class_specific=('.fc_cls.', '.fc_reg.', '.conv_logits.'))

@@ -147,3 +147,26 @@ def test_a_width_of_no_published_architecture_is_named_plainly(tmp_path):
     with pytest.raises(ValueError, match=r'is a MambaVision-S UPerNet segmenter \(dim 96\), the model is MambaVision '
                                          r'\(dim 16\); pick the name'):
         create_segmenter('upernet_mambavision_t.nv_ade20k', checkpoint_path=str(path), **tiny)
+
+
+@pytest.mark.parametrize('task, fresh', [
+    ('det', ['roi_head.bbox_head.0.fc_cls.weight', 'roi_head.bbox_head.2.fc_reg.bias',
+             'roi_head.mask_head.1.conv_logits.weight']),
+    ('seg', ['decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias']),
+])
+def test_own_classes_keep_fresh_class_specific_layers(tmp_path, task, fresh):
+    """A published model with another class count: its class-specific layers start fresh, everything else loads."""
+    torch.manual_seed(0)
+    source = FACTORIES[task](T_NAMES[task], **SMALL[task])
+    path = tmp_path / 'published.pth'
+    torch.save({'state_dict': source.state_dict()}, path)
+    torch.manual_seed(1)
+    model = FACTORIES[task](T_NAMES[task], checkpoint_path=str(path), num_classes=5, **SMALL[task])
+    assert len(model.class_names) == len(model.palette) == 5
+    loaded = model.state_dict()
+    assert set(fresh) <= set(model.published['fresh'])
+    for name, tensor in loaded.items():
+        if name in model.published['fresh']:
+            assert tensor.shape != source.state_dict()[name].shape, name
+        else:
+            assert torch.equal(tensor, source.state_dict()[name]), name
