@@ -49,6 +49,27 @@ def add_arguments_train(parser: argparse.ArgumentParser):
     parser.add_argument('--resume', help='continue from this checkpoint (e.g. OUT/last.pth.tar)')
     parser.add_argument('--seed', type=int, default=42, help='random seed (each rank adds its rank)')
     _add_config_options(parser, ('data', 'train'))
+    _add_dense_options(parser)
+
+
+def _add_dense_options(parser: argparse.ArgumentParser):
+    """``train --task seg|det``: fine-tune a segmenter or detector (``mambavision.dense.train``)."""
+    group = parser.add_argument_group(
+        'dense (--task seg|det: the published recipe by default; --lr, --weight-decay, --batch-size (per process), '
+        '--epochs (det), --drop-path, --clip-grad, --amp, --resume, --seed apply too)')
+    group.add_argument('--task', choices=('cls', 'seg', 'det'), default='cls',
+                       help='cls: image classification (default); seg: a UPerNet on a segmentation folder or ADE20K; '
+                            'det: a Cascade Mask R-CNN on a COCO or YOLO dataset')
+    group.add_argument('--iters', type=int, help='seg: training iterations (default 160000)')
+    group.add_argument('--warmup-iters', type=int, help='linear warm-up iterations (default 1500 seg, 1000 det)')
+    group.add_argument('--total-batch', type=int, default=16,
+                       help='images per optimiser step = batch size x processes x accumulation (default 16)')
+    group.add_argument('--eval-interval', type=int,
+                       help='validate every N iterations (seg, default 16000) or epochs (det, default 1)')
+    group.add_argument('--backbone', help='start from ImageNet weights in the backbone: a tag such as '
+                                          'mambavision_t.nv_in1k or a classification weight file')
+    group.add_argument('--val-data', help='another folder for validation (default: the val split of --data-dir)')
+    group.add_argument('--crop-size', type=int, help='seg: training crop (default: the published 512, L3 640)')
 
 
 def add_arguments_validate(parser: argparse.ArgumentParser):
@@ -88,6 +109,8 @@ def run_train(args: argparse.Namespace) -> int:
     from mambavision.runtime import check_output_folder
     from mambavision.train import resolve_config, train
 
+    if args.task != 'cls':
+        return _run_train_dense(args)
     config = resolve_config(args)
     if args.output:
         check_output_folder(args.output)
@@ -99,6 +122,41 @@ def run_train(args: argparse.Namespace) -> int:
               f'{cooldown} cool-down epochs at min_lr (the config\'s cooldown_epochs; --cooldown-epochs 0 trains '
               f'{epochs})', file=sys.stderr)
     return train(args)
+
+
+_DENSE_DEFAULT_MODEL = {'seg': 'upernet_mambavision_t', 'det': 'cascade_mask_rcnn_mambavision_t'}
+
+
+def _run_train_dense(args: argparse.Namespace) -> int:
+    """``mambavision train --task seg|det``: fine-tune a segmenter or a detector with the published recipe."""
+    import os
+    import time
+
+    from mambavision.dense.train import train_detector, train_segmenter
+    from mambavision.runtime import UserError, check_output_folder
+
+    if args.config:
+        raise UserError(f'--config describes classification training; --task {args.task} takes its options directly')
+    if args.task == 'seg' and args.epochs is not None:
+        raise UserError('--epochs applies to --task det; --task seg counts --iters')
+    if args.task == 'det' and args.iters is not None:
+        raise UserError('--iters applies to --task seg; --task det counts --epochs')
+    model = args.model or _DENSE_DEFAULT_MODEL[args.task]
+    output = args.output or os.path.join('output', f'{model.split(".")[0]}-{time.strftime("%Y%m%d-%H%M%S")}')
+    check_output_folder(output)
+    settings = dict(
+        iters=args.iters, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters, total_batch=args.total_batch, batch_size=args.batch_size,
+        amp=args.amp or 'auto', eval_interval=args.eval_interval, clip_grad=args.clip_grad or None, seed=args.seed,
+        workers=args.workers, device=args.device, resume=args.resume)
+    options = {k: v for k, v in settings.items() if v is not None}
+    start = dict(pretrained=args.pretrained_file or bool(args.pretrained), backbone=args.backbone,
+                 drop_path_rate=0.2 if args.drop_path is None else args.drop_path, val_dir=args.val_data)
+    if args.task == 'seg':
+        train_segmenter(args.data_dir, output, model, crop_size=args.crop_size, **start, **options)
+    else:
+        train_detector(args.data_dir, output, model, **start, **options)
+    return 0
 
 
 def run_validate(args: argparse.Namespace) -> int:

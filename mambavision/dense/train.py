@@ -24,12 +24,13 @@ class names and palette) readable with ``torch.load(weights_only=True)``, so ``c
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from torch import nn
 
 __all__ = [
     'DenseTrainConfig', 'train_dense', 'recipe', 'poly_schedule', 'step_schedule', 'optimizer_param_groups',
-    'SyncBatchNorm2d', 'convert_sync_batchnorm', 'StreamSampler', 'EpochKeyed',
+    'SyncBatchNorm2d', 'convert_sync_batchnorm', 'StreamSampler', 'EpochKeyed', 'evaluate_segmentation',
+    'evaluate_detection', 'train_segmenter', 'train_detector',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -321,12 +323,13 @@ def evaluate_segmentation(model, val_set, amp: Optional[str], device: torch.devi
     """mIoU, mAcc, aAcc (percent) of ``model.predict`` on ``val_set.load(i)``: ``(image (H, W, 3) uint8 RGB,
     label (H, W))``, the counts summed over all ranks (each predicts every ``world``-th image)."""
     from .evaluate import intersect_and_union, segmentation_metrics
-    areas = torch.zeros(4, model.num_classes, dtype=torch.int64)
+    num_classes = len(model.class_names)
+    areas = torch.zeros(4, num_classes, dtype=torch.int64)
     for i in _shard(len(val_set), rank, world):
         image, label = val_set.load(i)
         with _autocast(device, amp):
             pred = model.predict(image, return_logits=False)[0]['labels']
-        areas += intersect_and_union(pred.cpu(), torch.as_tensor(np.asarray(label)), model.num_classes)
+        areas += intersect_and_union(pred.cpu(), torch.as_tensor(np.asarray(label)), num_classes)
     if world > 1:
         dist.all_reduce(areas)
     metrics = segmentation_metrics(areas, model.class_names)
@@ -336,26 +339,26 @@ def evaluate_segmentation(model, val_set, amp: Optional[str], device: torch.devi
 @torch.no_grad()
 def evaluate_detection(model, val_set, amp: Optional[str], device: torch.device, rank: int = 0,
                        world: int = 1) -> Dict[str, Any]:
-    """COCO box (and mask) AP of ``model.predict`` on ``val_set``: items ``(image (H, W, 3) uint8 RGB, target)``
-    with ``target['image_id']``, and ``val_set.coco`` the pycocotools index of its annotations (labels map to its
-    sorted category ids). Predictions of all ranks are gathered on rank 0, which evaluates; others get {}."""
+    """COCO box (and mask) AP (percent) of ``model.predict`` on a ``DetectionDataset``: images from ``load(i)``,
+    ids from ``records[i].image_id``, labels written as ``category_ids[label]``, the ground truth its
+    ``coco_ground_truth()``. Predictions of all ranks are gathered on rank 0, which evaluates; others get {}."""
     from .evaluate import coco_evaluate, coco_results
-    category_ids = sorted(val_set.coco.getCatIds())
     results = []
     for i in _shard(len(val_set), rank, world):
-        image, target = val_set.load(i)
+        image, _ = val_set.load(i)
         with _autocast(device, amp):
             detections = {k: v.cpu() for k, v in model.predict(image)[0].items()}
-        results += coco_results([detections], [target['image_id']], category_ids)
+        results += coco_results([detections], [val_set.records[i].image_id], val_set.category_ids)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     if rank != 0:
         return {}
-    metrics = {f'bbox_{k}': v for k, v in coco_evaluate(val_set.coco, results, 'bbox').items()}
-    if any('segmentation' in r for r in results):
-        metrics.update({f'segm_{k}': v for k, v in coco_evaluate(val_set.coco, results, 'segm').items()})
+    coco = val_set.coco_ground_truth()
+    metrics = {f'bbox_{k}': v for k, v in coco_evaluate(coco, results, 'bbox').items()}
+    if getattr(val_set, 'with_masks', False):
+        metrics.update({f'segm_{k}': v for k, v in coco_evaluate(coco, results, 'segm').items()})
     return metrics
 
 
@@ -474,7 +477,7 @@ def _save(state: Dict[str, Any], path: str):
 
 def _meta(model: nn.Module, config: DenseTrainConfig, iteration: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
     return dict(dataset_meta=dict(classes=list(model.class_names), palette=[list(c) for c in model.palette]),
-                model=config.model_name, task=config.task, num_classes=model.num_classes, iteration=iteration,
+                model=config.model_name, task=config.task, num_classes=len(model.class_names), iteration=iteration,
                 metrics=dict(metrics))
 
 
@@ -521,9 +524,24 @@ def train_dense(model: nn.Module, config: DenseTrainConfig, train_set, collate: 
     Returns a summary: the last iteration, the best validation metrics and the checkpoint paths.
     """
     config = config.resolved()
+    if not config.resume and os.path.exists(os.path.join(config.output, 'last.pth')):
+        raise FileExistsError(f'{config.output} already holds a run; resume it with resume={config.output}/last.pth '
+                              f'(--resume) or choose another output folder')
+    own_group = not (dist.is_available() and dist.is_initialized())
     device, rank, world = _init_distributed(config.device)
+    try:
+        return _train(model, config, train_set, collate, val_set, device, rank, world)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(model, config, train_set, collate, val_set, device, rank, world) -> Dict[str, Any]:
     amp = _resolve_amp(config.amp, device)
     accumulation = _batch_split(config.total_batch, config.batch_size, world)
+    if config.task == 'seg' and config.batch_size * (world if config.sync_bn != 'none' else 1) < 2:
+        raise ValueError('the pyramid pooling BatchNorm of a 1x1 map needs 2 or more images per forward pass (batch '
+                         'size x processes with SyncBN); pick a batch size of 2 or more')
     if config.task == 'seg':
         iters_per_epoch = max(1, len(train_set) // config.total_batch)
         iters = config.iters
@@ -690,3 +708,80 @@ def _broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# entry points: data folder + model name -> a run
+
+
+def train_segmenter(data_dir: str, output: str, model: str = 'upernet_mambavision_t',
+                    pretrained: Union[bool, str] = False, backbone: Optional[str] = None,
+                    drop_path_rate: float = 0.2, crop_size: Optional[int] = None, val_dir: Optional[str] = None,
+                    **options) -> Dict[str, Any]:
+    """Fine-tune a UPerNet on a segmentation folder or ADE20K with the published recipe.
+
+    Args:
+        data_dir: ``train/`` and ``val/`` of one's own data (``images/``, ``masks/``, ``classes.txt``) or
+            ``ADEChallengeData2016`` (see ``mambavision.dense.data.segmentation_split``).
+        output: the run's folder.
+        model: a published segmenter or its architecture ('upernet_mambavision_t').
+        pretrained: start from the published segmenter (True) or a local one (a path): with another class count
+            both classifiers start fresh. backbone: or from ImageNet weights in the backbone ('mambavision_t.nv_in1k'
+            or a file), as the published runs did.
+        drop_path_rate: the backbone's stochastic depth (0.2: what every published run trained with).
+        crop_size: the training crop (default: the published one, 512; 640 for L3).
+        val_dir: another folder for validation (default: ``data_dir``'s val split).
+        options: ``DenseTrainConfig`` fields (iters, lr, batch_size, amp, eval_interval, resume, seed, ...).
+    """
+    from .data import SegmentationDataset, SegmentationTrainPipeline, collate_segmentation, segmentation_split
+    from .factory import published_entry
+    from .segmentation import segmenter_for_training
+
+    train_split = segmentation_split(data_dir, 'train')
+    val_split = segmentation_split(val_dir or data_dir, 'val')
+    if tuple(val_split.class_names) != tuple(train_split.class_names):
+        raise ValueError(f'the validation data has other classes than the training data ({len(val_split.class_names)} '
+                         f'against {len(train_split.class_names)}); expected the same class list')
+    crop = crop_size or published_entry('seg', model).test_scale[1]
+    config = DenseTrainConfig(task='seg', output=output, model_name=model, **options)
+    net = segmenter_for_training(
+        model, class_names=train_split.class_names, palette=train_split.palette, pretrained=pretrained,
+        backbone_weights=backbone, drop_path_rate=drop_path_rate)
+    train_set = SegmentationDataset(train_split, SegmentationTrainPipeline(crop), seed=config.seed)
+    return train_dense(net, config, train_set, functools.partial(collate_segmentation, size=(crop, crop)),
+                       SegmentationDataset(val_split))
+
+
+def train_detector(data_dir: Optional[str], output: str, model: str = 'cascade_mask_rcnn_mambavision_t',
+                   pretrained: Union[bool, str] = False, backbone: Optional[str] = None,
+                   drop_path_rate: float = 0.2, val_dir: Optional[str] = None, **options) -> Dict[str, Any]:
+    """Fine-tune a Cascade Mask R-CNN on a COCO-format or YOLO-format dataset with the published 3x recipe.
+
+    Args:
+        data_dir: ``train.json`` + ``train/`` and ``val.json`` + ``val/`` (COCO), or a YOLO ``data.yaml`` folder
+            (see ``mambavision.dense.data.detection_dataset``). Boxes-only data trains a Cascade R-CNN (no mask
+            losses; predictions without masks).
+        output: the run's folder.
+        model: a published detector or its architecture ('cascade_mask_rcnn_mambavision_t').
+        pretrained: the published detector's weights (True) or a local file; backbone: or ImageNet weights in the
+            backbone ('mambavision_t.nv_in1k' or a file), everything above fresh.
+        drop_path_rate: the backbone's stochastic depth (0.2: what every published run trained with).
+        val_dir: another dataset folder for validation (default: ``data_dir``'s val split).
+        options: ``DenseTrainConfig`` fields (epochs, lr, batch_size, amp, eval_interval, resume, seed, ...).
+    """
+    from .data import collate_detection, detection_dataset
+    from .detection import create_detector
+    from .segmentation import _load_backbone_weights
+
+    if pretrained and backbone:
+        raise ValueError('start from a pretrained detector or from backbone weights, not both')
+    config = DenseTrainConfig(task='det', output=output, model_name=model, **options)
+    train_set = detection_dataset(data_dir, 'train', seed=config.seed)
+    val_set = detection_dataset(val_dir or data_dir, 'val')
+    net = create_detector(
+        model, pretrained=pretrained is True, checkpoint_path=pretrained if isinstance(pretrained, str) else None,
+        backbone_kwargs=dict(drop_path_rate=drop_path_rate), num_classes=len(train_set.class_names),
+        class_names=train_set.class_names)
+    if backbone:
+        _load_backbone_weights(net.backbone, backbone)
+    return train_dense(net.train(), config, train_set, collate_detection, val_set)
