@@ -158,3 +158,4 @@ def test_sizes_beyond_the_kernels_run_the_op_path():
     assert not mixer_cpu.applies(x, 3, limits[1] + 1, 8)
     assert not mixer_cpu.applies(x, 3, 1, limits[2] + 1)
     assert not mixer_cpu.applies(x.double(), 3, 1, 8)
+    assert not mixer_cpu.applies(x.to('meta'), 3, 1, 8)  # another device
