@@ -23,7 +23,7 @@ def time_calls(
     is timed with ``time.perf_counter``. ``progress`` wraps the loop (a ``tqdm``, say).
     """
     device = torch.device(device)
-    steps = range(warmup + repeats)
+    steps: Iterable[int] = range(warmup + repeats)
     steps = progress(steps) if progress is not None else steps
     if device.type == 'cuda':
         events = []
@@ -41,8 +41,8 @@ def time_calls(
         return [start.elapsed_time(end) / 1e3 for start, end in events]
     times = []
     for i in steps:
-        start = time.perf_counter()
+        started = time.perf_counter()
         fn()
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - started)
     return times

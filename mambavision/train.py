@@ -55,7 +55,7 @@ __all__ = ['OPTIONS', 'train', 'validate', 'resolve_config', 'load_config', 'loa
 _logger = logging.getLogger(__name__)
 
 # Config sections whose keys are also command-line options (default: used when neither config nor CLI sets one).
-OPTIONS = {
+OPTIONS: Dict[str, Dict[str, Dict[str, Any]]] = {
     'data': {
         'input_size': dict(type=int, nargs=3, metavar=('C', 'H', 'W'), help='model input size'),
         'crop_pct': dict(type=float, help='eval: resize to size / crop_pct, then crop'),
@@ -341,9 +341,9 @@ def evaluate(model, loader, device, amp, rank, desc='val', per_class: bool = Fal
             class_counts[0].index_add_(0, y, (out.argmax(-1) == y).double())
             class_counts[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     totals = _all_sum(totals, device)
-    n = max(totals[3].item(), 1)
-    metrics = dict(loss=totals[0].item() / n, top1=100 * totals[1].item() / n, top5=100 * totals[2].item() / n,
-                   samples=int(totals[3].item()))
+    count = max(totals[3].item(), 1)
+    metrics: Dict[str, Any] = dict(loss=totals[0].item() / count, top1=100 * totals[1].item() / count,
+                                   top5=100 * totals[2].item() / count, samples=int(totals[3].item()))
     if per_class and class_counts is not None:
         hits, samples = _all_sum(class_counts, device).tolist()
         metrics['per_class_top1'] = [100 * h / s if s else None for h, s in zip(hits, samples)]
@@ -433,6 +433,7 @@ def _build_run(args, config, device) -> _Run:
         optimizer, sched='cosine', num_epochs=train_cfg['epochs'], warmup_epochs=train_cfg['warmup_epochs'],
         warmup_lr=train_cfg['warmup_lr'], min_lr=train_cfg['min_lr'], cooldown_epochs=train_cfg['cooldown_epochs'],
         step_on_epochs=False, updates_per_epoch=len(train_loader))
+    loss_fn: nn.Module
     if mixup_active:
         loss_fn = SoftTargetCrossEntropy()
     elif train_cfg['smoothing']:

@@ -19,7 +19,7 @@ import pickle
 import re
 import socket
 import urllib.request
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
@@ -39,7 +39,7 @@ _MAX_INERT_NAMES = 256
 _REFUSED = 'not allowed in a weight file'
 
 # published name pattern -> our name (applied in order, first match wins)
-_RENAMES = [
+_RENAMES: List[Tuple[str, Union[str, Callable[[re.Match[str]], str]]]] = [
     (r'^patch_embed\.conv_down\.0\.', 'stem.conv1.'),
     (r'^patch_embed\.conv_down\.1\.', 'stem.norm1.'),
     (r'^patch_embed\.conv_down\.3\.', 'stem.conv2.'),
@@ -141,10 +141,11 @@ def _inert_getattr(obj, name, *default):
 def _load_pickle(path: str):
     """``torch.load(weights_only=True)``, with each global of ``INERT_MODULES`` it meets mapped to ``Inert``,
     and ``getattr`` to ``_inert_getattr``."""
-    inert = []
+    inert: List[str] = []
     while True:
         try:
-            allowed = SAFE_GLOBALS + [(_inert_getattr, 'builtins.getattr')] + [(Inert, name) for name in inert]
+            allowed: List[Any] = (SAFE_GLOBALS + [(_inert_getattr, 'builtins.getattr')]
+                                  + [(Inert, name) for name in inert])
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location='cpu', weights_only=True, mmap=_is_zip(path))
         except pickle.UnpicklingError as e:
@@ -269,7 +270,8 @@ def load_pretrained_file(model: nn.Module, path: str, headless: bool = False) ->
     """
     from timm.models._manipulate import adapt_input_conv
 
-    state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+    # tensors, and None for a classifier entry to leave out (dropped before loading)
+    state_dict: Dict[str, Any] = checkpoint_filter_fn(read_state_dict(path), model)
     own = model.state_dict()
     conv = 'stem.conv1.weight'
     if conv in state_dict and conv in own and state_dict[conv].shape[1] != own[conv].shape[1]:
@@ -301,7 +303,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
     url = urlparse(constants.ENDPOINT)
     proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname):
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ''):
         url = urlparse(proxy if '://' in proxy else f'http://{proxy}')  # the hub is reached through the proxy
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout).close()

@@ -73,7 +73,7 @@ def _build_parser(command: Optional[str]) -> argparse.ArgumentParser:
     """The parser, with the arguments of ``command`` only (its module is imported; the others are not)."""
     import mambavision
 
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                        help='show the full traceback on errors (also MAMBAVISION_DEBUG=1)')
     parser = _Parser(prog='mambavision', parents=[debug], description='MambaVision backbones for PyTorch and timm.')

@@ -5,6 +5,7 @@ import json
 import platform
 import statistics
 import sys
+from typing import cast
 
 from . import int_at_least
 
@@ -47,17 +48,18 @@ def run_benchmark(args) -> int:
     batch_size = args.batch_size or (128 if device.type == 'cuda' else 8)
     with device:  # initialise on the device: quick even for the 740M-parameter models on a GPU
         model = timm.create_model(args.model).eval()
-    img_size = args.img_size or model.pretrained_cfg['input_size'][-1]
+    img_size = args.img_size or cast(int, model.pretrained_cfg['input_size'][-1])
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if args.optimize:
         from mambavision.inference import optimize_for_inference
-        model = optimize_for_inference(model, amp_dtype(args.amp), compile=args.compile)
+        from mambavision.model import MambaVision
+        model = optimize_for_inference(cast(MambaVision, model), amp_dtype(args.amp), compile=args.compile)
     else:
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         if args.compile:
-            model = torch.compile(model)
+            model = cast(torch.nn.Module, torch.compile(model))  # a module (OptimizedModule), typed as a callable
     progress = functools.partial(tqdm, desc=f'benchmark {args.model}', unit='batch', file=sys.stderr, leave=False,
                                  disable=None)
     with torch.inference_mode(), amp_autocast(device.type, args.amp):

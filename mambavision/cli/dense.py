@@ -81,7 +81,7 @@ def _read_images(paths: List[str], output: str) -> Dict[str, str]:
     """Output stem of each image path (its file stem, made unique; folders give the images in them); every image
     is checked to be readable, and ``output`` to be a folder or not yet there."""
     check_output_folder(output)
-    stems = {}
+    stems: Dict[str, str] = {}
     for path in image_files(paths):
         open_image(path, decode=False)
         stem = Path(path).stem

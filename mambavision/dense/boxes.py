@@ -62,7 +62,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     return keep
 
 
-def anchor_grid(base_anchors: torch.Tensor, size: Tuple[int, int], stride: int) -> torch.Tensor:
+def anchor_grid(base_anchors: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:
     """(A, 4) anchors at the origin -> (H * W * A, 4) anchors of an (H, W) map, row-major."""
     shift_x = torch.arange(size[1], device=base_anchors.device).to(base_anchors.dtype) * stride
     shift_y = torch.arange(size[0], device=base_anchors.device).to(base_anchors.dtype) * stride

@@ -158,6 +158,7 @@ def coco_results(detections: Sequence[dict], image_ids: Sequence[int], category_
             entry = dict(image_id=int(image_id), category_id=int(category_ids[label]),
                          bbox=[x1, y1, x2 - x1, y2 - y1], score=score)
             if 'masks' in det:
+                assert rle_encode is not None  # set above whenever a detection has masks
                 rle = rle_encode(np.asfortranarray(np.asarray(det['masks'][i], dtype=np.uint8)))
                 entry['segmentation'] = dict(size=rle['size'], counts=rle['counts'].decode())
             results.append(entry)

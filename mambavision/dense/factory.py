@@ -1,6 +1,6 @@
 """What ``create_detector`` and ``create_segmenter`` share: published names (with or without their tag), the
 published file of a model (checked to be of its kind and width), and the checked strict load."""
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar, cast
 
 import torch
 
@@ -12,6 +12,7 @@ __all__ = ['unknown_name_error', 'published_entry', 'published_file', 'read_publ
 # task -> (what the model is called in messages, the prefix of the tensors only that kind of model has)
 _KINDS = {'det': ('Cascade Mask R-CNN', 'roi_head'), 'seg': ('UPerNet segmenter', 'decode_head')}
 _TASK_WORDS = {'det': 'detector', 'seg': 'segmenter'}
+ModelT = TypeVar('ModelT', bound=torch.nn.Module)
 
 
 def unknown_name_error(kind: str, name: str, known: Sequence[str]) -> ValueError:
@@ -41,6 +42,7 @@ def published_file(tag: str) -> Tuple[str, str]:
     """(Hugging Face repo, file name) of timm tag ``tag``: a classification tag or a dense backbone tag."""
     import timm
     cfg = timm.models.get_pretrained_cfg(tag)
+    assert cfg.hf_hub_id and cfg.hf_hub_filename, tag  # every MambaVision tag names its hub repo and file
     return cfg.hf_hub_id, cfg.hf_hub_filename
 
 
@@ -74,7 +76,7 @@ def read_published_file(entry: PublishedModel, checkpoint_path: Optional[str],
         held = ('a detection model' if 'roi_head' in prefixes else 'a segmentation model' if 'decode_head' in prefixes
                 else 'a backbone without heads' if 'backbone' in prefixes else 'a classification model')
         raise ValueError(f'{source} holds {held} (no {head}.* tensors), not a {kind}')
-    file_dim, model_dim = _backbone_dim(state_dict), model.backbone.feature_info[0]['num_chs']
+    file_dim, model_dim = _backbone_dim(state_dict), cast(int, model.backbone.feature_info[0]['num_chs'])
     if file_dim != model_dim:
         raise ValueError(
             f'{source} is a {_variant(file_dim)} {kind} (dim {file_dim}), the model is {_variant(model_dim)} '
@@ -83,9 +85,9 @@ def read_published_file(entry: PublishedModel, checkpoint_path: Optional[str],
 
 
 def load_published_model(
-        model: torch.nn.Module, entry: PublishedModel, checkpoint_path: Optional[str], pretrained: bool,
+        model: ModelT, entry: PublishedModel, checkpoint_path: Optional[str], pretrained: bool,
         class_specific: Sequence[str] = (),
-) -> torch.nn.Module:
+) -> ModelT:
     """What ``create_detector`` and ``create_segmenter`` do once they built ``model``: ``model.published`` (the
     Hugging Face repo and file, published metrics of ``entry``) set, the weights of ``checkpoint_path`` or
     (``pretrained``) of the published file checked (``read_published_file``) and loaded strictly, eval mode.
@@ -94,12 +96,13 @@ def load_published_model(
     classes) keep the model's fresh values; ``model.published['fresh']`` then names them.
     """
     from ..weights import load_state_dict_strict
-    model.published = dict(hf_repo=entry.hf_repo, file=entry.hf_file, **entry.metrics)
+    published: Dict[str, Any] = dict(hf_repo=entry.hf_repo, file=entry.hf_file, **entry.metrics)
+    model.published = published  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors and modules
     if checkpoint_path is not None or pretrained:
         state_dict = read_published_file(entry, checkpoint_path, model)
         fresh = {k: v for k, v in model.state_dict().items() if any(part in k for part in class_specific)
                  and k in state_dict and state_dict[k].shape != v.shape}
         load_state_dict_strict(model, {**state_dict, **fresh}, str(checkpoint_path or entry.hf_file))
         if fresh:
-            model.published['fresh'] = sorted(fresh)
+            published['fresh'] = sorted(fresh)
     return model.eval()

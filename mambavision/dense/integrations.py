@@ -28,7 +28,7 @@ MambaVision has no dilated mode, so the smp models that need ``output_stride`` 8
 (DeepLabV3, DeepLabV3+, PAN) fail at construction with one ``ValueError`` line that says so.
 """
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, cast
 
 import timm
 import torch
@@ -129,7 +129,8 @@ def mambavision_fpn_backbone(
         kwargs['pretrained_cfg_overlay'] = {**kwargs.get('pretrained_cfg_overlay', {}), 'file': checkpoint_path}
     kwargs.setdefault('num_classes', 0)  # no classifier: a detection file has none, a classification file's is dropped
     body = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=returned_layers, **kwargs)
-    parts = ['model.stem'] + [f'model.stages.{i}' for i in range(len(body.model.stages))]  # bottom first
+    stages = cast(nn.Sequential, body.model.stages)
+    parts = ['model.stem'] + [f'model.stages.{i}' for i in range(len(stages))]  # bottom first
     frozen = parts[:_NUM_STAGES + 1 - trainable_stages]
     if frozen:
         freeze(body, frozen)

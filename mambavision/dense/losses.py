@@ -1,5 +1,5 @@
 """The detector's loss functions with mmdet 3.3.0's arithmetic (weights, averaging, epsilons)."""
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 import torch
 
@@ -42,4 +42,5 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def total_loss(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
     """The sum of a loss dict's entries whose name contains 'loss' (mmdet's parse_losses; accuracies left out)."""
-    return sum(value for name, value in losses.items() if 'loss' in name)
+    # a model's loss dict always holds a loss term, so sum's int start 0 is never what comes back
+    return cast(torch.Tensor, sum(value for name, value in losses.items() if 'loss' in name))

@@ -42,7 +42,8 @@ def predict_images(
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 batch = transform.pad_batch([inputs[i] for i in chunk]).to(weight.device, weight.dtype)
-                outputs = run(batch, [tuple(inputs[i].shape[1:]) for i in chunk], [images[i].shape[:2] for i in chunk])
+                image_sizes = [(inputs[i].shape[1], inputs[i].shape[2]) for i in chunk]  # (h, w) of (3, h, w)
+                outputs = run(batch, image_sizes, [images[i].shape[:2] for i in chunk])
                 for i, out in zip(chunk, outputs):
                     results[i] = {k: v.cpu() for k, v in out.items()}
     finally:

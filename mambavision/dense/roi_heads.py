@@ -5,7 +5,7 @@ Rois are (K, 5): image index in the batch, then x1, y1, x2, y2 in input pixels, 
 ``box_forward`` runs one stage on given rois and ``regress_by_class`` moves rois by a stage's deltas
 (what training repeats with its own rois); ``predict`` is the test path, ``loss`` mmdet's training losses.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,8 @@ class CascadeRoIHead(nn.Module):
             stage_logits.append(logits)
             if stage < len(self.bbox_head) - 1:
                 rois = self.regress_by_class(stage, rois, logits[:, :-1].argmax(dim=1), deltas, image_sizes)
-        return rois, sum(stage_logits) / float(len(stage_logits)), deltas
+        mean_logits = cast(torch.Tensor, sum(stage_logits)) / float(len(stage_logits))  # one term per stage, >= 1
+        return rois, mean_logits, deltas
 
     def loss(
             self, feats: Sequence[torch.Tensor], proposals: Sequence[torch.Tensor], targets: Sequence[dict],

@@ -49,7 +49,7 @@ class RPNHead(nn.Module):
         hs = (stride * h_ratios[:, None] * scales[None, :]).reshape(-1)
         return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=-1)
 
-    def anchors(self, feature_sizes: Sequence[Tuple[int, int]], device: torch.device) -> List[torch.Tensor]:
+    def anchors(self, feature_sizes: Sequence[Sequence[int]], device: torch.device) -> List[torch.Tensor]:
         """Per level: the (H * W * A, 4) anchors of an (H, W) map, in the order of ``forward``'s flattened outputs."""
         return [anchor_grid(self.base_anchors(stride).to(device), size, stride)
                 for size, stride in zip(feature_sizes, self.strides)]
@@ -89,11 +89,11 @@ class RPNHead(nn.Module):
                 level_anchors.append(anchor)
                 level_ids.append(torch.full_like(scores, level, dtype=torch.long))
             boxes = delta2bbox(torch.cat(level_anchors), torch.cat(level_deltas), max_shape=image_size)
-            scores, level_ids = torch.cat(level_scores), torch.cat(level_ids)
+            scores, levels = torch.cat(level_scores), torch.cat(level_ids)
             valid = (boxes[:, 2] - boxes[:, 0] > min_bbox_size) & (boxes[:, 3] - boxes[:, 1] > min_bbox_size)
             if not valid.all():
-                boxes, scores, level_ids = boxes[valid], scores[valid], level_ids[valid]
-            keep = batched_nms(boxes, scores, level_ids, iou_threshold)[:max_per_img]
+                boxes, scores, levels = boxes[valid], scores[valid], levels[valid]
+            keep = batched_nms(boxes, scores, levels, iou_threshold)[:max_per_img]
             proposals.append((boxes[keep], scores[keep]))
         return proposals
 
@@ -147,4 +147,5 @@ class RPNHead(nn.Module):
             self, feats: Sequence[torch.Tensor], image_sizes: Sequence[Tuple[int, int]],
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Test time: per image, proposals (N, 4) in input pixels and their scores (N,), best first."""
-        return self.select_proposals(*self(feats), image_sizes)
+        logits, deltas = self(feats)
+        return self.select_proposals(logits, deltas, image_sizes)

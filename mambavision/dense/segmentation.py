@@ -14,7 +14,7 @@ training loss from them.
 """
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,7 @@ class _SegHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.conv_seg.weight, std=0.01)
+        assert self.conv_seg.bias is not None  # made with bias=True
         nn.init.zeros_(self.conv_seg.bias)
 
     def cls_seg(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,7 @@ class UPerNet(nn.Module):
         self.auxiliary_head = FCNHead(in_channels[2], aux_channels, num_classes, dropout)
         self.num_classes = num_classes
         self.in_chans = 3  # what export_onnx traces with
-        self.test_scale = tuple(test_scale)
+        self.test_scale = cast(Tuple[int, int], tuple(test_scale))  # a list (from a config file) taken too
         self.class_names = list(class_names) if class_names else [f'class {i}' for i in range(num_classes)]
         self.palette = [list(c) for c in palette] if palette else random_palette(num_classes)
         if len(self.class_names) != num_classes or len(self.palette) != num_classes:
@@ -233,12 +234,12 @@ class UPerNet(nn.Module):
         each the mean over all pixels, ``ignore_index`` pixels counting as zero (mmseg's default).
         """
         features = self.extract_features(x)
-        total = 0.
+        total: Union[float, torch.Tensor] = 0.
         heads = ((self.decode_head(features), 1.), (self.auxiliary_head(features[2]), AUX_LOSS_WEIGHT))
         for logits, weight in heads:
             logits = _resize(logits, target.shape[-2:])
             total = total + weight * F.cross_entropy(logits, target, ignore_index=ignore_index, reduction='none').mean()
-        return total
+        return cast(torch.Tensor, total)  # a tensor once the heads' terms are added
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 4, return_logits: bool = True) -> List[Dict[str, torch.Tensor]]:

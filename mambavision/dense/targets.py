@@ -7,7 +7,7 @@ boxes. ``train_config`` holds the published training settings under mmdet's name
 """
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -262,7 +262,7 @@ def stage_parts(cfg: dict) -> Tuple[MaxIoUAssigner, RandomSampler]:
 
 
 
-def check_targets(targets, num_images: int, padded_size: Tuple[int, int], num_classes: int) -> list:
+def check_targets(targets, num_images: int, padded_size: Sequence[int], num_classes: int) -> list:
     """Training targets in torchvision's form, checked: one dict per image with ``boxes`` (N, 4), ``labels``
     (N,) in 0..num_classes-1, ``image_size`` (h, w) within the padded batch and ``masks`` (N, h, w) in
     every image or in none. Returns the image sizes; a bad entry raises one line naming it."""

@@ -1,5 +1,5 @@
 """Pictures of dense predictions: palette label maps, overlays with a legend, detections drawn on the image."""
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ __all__ = ['label_map_image', 'class_shares', 'format_share', 'segmentation_over
 Color = Tuple[int, int, int]
 
 
-def _font(image_size: Tuple[int, int]) -> ImageFont.ImageFont:
+def _font(image_size: Tuple[int, int]) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
     """Pillow's built-in font at a size that stays readable on small and large images."""
     return ImageFont.load_default(size=max(11, round(min(image_size) / 40)))
 
@@ -48,7 +48,7 @@ def segmentation_overlay(image: np.ndarray, labels: np.ndarray, palette: Sequenc
     font = _font(blended.size)
     row = round(font.size * 1.5)
     per_column = max(1, blended.height // row - 1)  # as many columns as it takes to stay within the image's height
-    column_width = 3 * font.size + max(round(font.getlength(text)) for _, text in entries)
+    column_width = 3 * round(font.size) + max(round(font.getlength(text)) for _, text in entries)
     canvas = Image.new('RGB', (blended.width + -(-len(entries) // per_column) * column_width,
                                max(blended.height, row * (min(len(entries), per_column) + 1))), 'white')
     canvas.paste(blended, (0, 0))

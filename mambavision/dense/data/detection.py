@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ TEST_SCALE = (1333, 800)
 MIN_SIZE = 32  # training images smaller than this (either side) are dropped
 SIZE_DIVISOR = 32  # the batch is padded to a multiple of this
 
-Target = Dict[str, object]
+Target = Dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,16 +237,17 @@ class DetectionDataset(torch.utils.data.Dataset):
                              f'orientation) but its annotations say {record.height}x{record.width}')
         target = dict(boxes=record.boxes.copy(), labels=record.labels.copy(), image_id=record.image_id)
         if self.with_masks:
+            assert record.segmentations is not None  # a dataset with masks holds records with segmentations
             target['masks'] = decode_masks(record.segmentations, record.height, record.width)
         return image, target
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, object]]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
         image, target = self.load(index)
         record = self.records[index]
         target['scale_factor'] = (1.0, 1.0)
         if self.pipeline is not None:
             image, target = self.pipeline(image, target, self.rng(index))
-        out = dict(boxes=torch.from_numpy(target['boxes']), labels=torch.from_numpy(target['labels']))
+        out: Dict[str, Any] = dict(boxes=torch.from_numpy(target['boxes']), labels=torch.from_numpy(target['labels']))
         if 'masks' in target:
             out['masks'] = torch.from_numpy(target['masks'])
         out.update(image_size=tuple(image.shape[:2]), image_id=record.image_id,
@@ -304,7 +305,8 @@ class _Notes:
 
     def __init__(self, source: str):
         self.source = source
-        self.clipped, self.dropped = [], []
+        self.clipped: List[str] = []
+        self.dropped: List[str] = []
 
     def warn(self) -> None:
         parts = []
@@ -389,7 +391,7 @@ def read_coco_detection(annotation_file: str, images_dir: str, train: bool = Tru
         images[image_id] = (file_name, height, width)
     with_masks = any(a.get('segmentation') for a in data['annotations'] if isinstance(a, dict))
 
-    objects = {i: [] for i in images}
+    objects: Dict[object, List[tuple]] = {i: [] for i in images}  # image id -> (box, label, segmentation)s
     annotated = set()
     notes = _Notes(where)
     for ann in data['annotations']:

@@ -18,7 +18,7 @@ called with; ``SegmentationDataset`` seeds one per sample from (seed, epoch, ind
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -145,9 +145,11 @@ class SegmentationTrainPipeline:
     def __init__(self, crop_size: Union[int, Tuple[int, int]] = CROP_SIZE, scale: Optional[Tuple[int, int]] = None,
                  ratio_range: Tuple[float, float] = RATIO_RANGE, cat_max_ratio: float = CAT_MAX_RATIO,
                  flip_prob: float = 0.5, photometric: bool = True):
-        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.scale = tuple(scale) if scale is not None else (4 * max(self.crop_size), max(self.crop_size))
-        self.ratio_range = tuple(ratio_range)
+        # tuple() takes lists (from a config file) and keeps their two entries
+        crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.crop_size = cast(Tuple[int, int], crop)
+        self.scale = cast(Tuple[int, int], tuple(scale) if scale is not None else (4 * max(crop), max(crop)))
+        self.ratio_range = cast(Tuple[float, float], tuple(ratio_range))
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = photometric
@@ -236,9 +238,9 @@ def _read_classes_json(path: Path):
     return tuple(names), None if palette is None else tuple(tuple(c) for c in palette)
 
 
-def _files_by_stem(folder: Path, extensions: Sequence[str]) -> dict:
+def _files_by_stem(folder: Path, extensions: Sequence[str]) -> Dict[str, Path]:
     """Path relative to ``folder`` without its extension -> file, for the files of ``extensions``."""
-    files = {}
+    files: Dict[str, Path] = {}
     for path in sorted(folder.rglob('*')):
         if path.suffix.lower() in extensions and path.is_file():
             stem = str(path.relative_to(folder).with_suffix(''))
@@ -286,9 +288,10 @@ def read_segmentation_folder(folder: str, class_names: Optional[Sequence[str]] =
         if stem not in images:
             raise FileNotFoundError(f'mask {mask} has no image {images_dir / stem}.* in {images_dir}')
     samples = tuple((str(images[stem]), str(masks[stem])) for stem in images)
-    for image, mask in samples:
-        _check_pair(image, mask, len(class_names))
-    return SegmentationSplit(samples, tuple(class_names), None if palette is None else tuple(map(tuple, palette)))
+    for image_file, mask_file in samples:
+        _check_pair(image_file, mask_file, len(class_names))
+    colors = None if palette is None else cast(Tuple[Tuple[int, int, int], ...], tuple(map(tuple, palette)))
+    return SegmentationSplit(samples, tuple(class_names), colors)
 
 
 _ADE20K_SPLITS = {'train': 'training', 'val': 'validation', 'training': 'training', 'validation': 'validation'}
