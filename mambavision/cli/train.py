@@ -134,6 +134,7 @@ def _run_train_dense(args: argparse.Namespace) -> int:
 
     from mambavision.dense.train import train_detector, train_segmenter
     from mambavision.runtime import UserError, check_output_folder
+    from mambavision.train import _setup_logging
 
     if args.config:
         raise UserError(f'--config describes classification training; --task {args.task} takes its options directly')
@@ -141,6 +142,7 @@ def _run_train_dense(args: argparse.Namespace) -> int:
         raise UserError('--epochs applies to --task det; --task seg counts --iters')
     if args.task == 'det' and args.iters is not None:
         raise UserError('--iters applies to --task seg; --task det counts --epochs')
+    _setup_logging(int(os.environ.get('RANK', 0)))
     model = args.model or _DENSE_DEFAULT_MODEL[args.task]
     output = args.output or os.path.join('output', f'{model.split(".")[0]}-{time.strftime("%Y%m%d-%H%M%S")}')
     check_output_folder(output)

@@ -678,6 +678,9 @@ def _loop(step_module, model, optimizer, scaler, loader, lrs, config, device, ra
             if device.type == 'cuda':
                 row['max_memory_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             logger.row('train', done, row)
+            if rank == 0:
+                _logger.info(f'iteration {done}/{iters}: loss {_sum_losses(sums) / window_iters:.4f}, '
+                             f'lr {lrs[iteration]:.3g}, {row["iters_per_s"]:.3f} it/s')
             sums, window_start, window_iters = {}, time.perf_counter(), 0
         metrics = None
         if val_set is not None and eval_every and (done % eval_every == 0 or done == iters):

@@ -406,7 +406,7 @@ def test_tiny_detector_learns_synthetic_shapes(tmp_path):
     _, summary, train_rows = _train_tiny_detector(tmp_path, with_masks=True, epochs=16)
     assert 'loss_rpn_cls.0' in train_rows[0] and 's2.loss_bbox' in train_rows[0] and 's0.loss_mask' in train_rows[0]
     total = [sum(v for k, v in r.items() if 'loss' in k) for r in train_rows]
-    assert total[-1] < 0.5 * total[0]
+    assert total[-1] < 0.6 * total[0]
     assert summary['best']['bbox_AP50'] > 8 and summary['best']['segm_AP50'] > 4, summary['best']
     best = read_checkpoint(str(tmp_path / 'run' / 'best.pth'))
     assert best['meta']['dataset_meta']['classes'] == ['square', 'triangle']
