@@ -131,3 +131,18 @@ def test_the_recorder_sees_dynamic_shapes():
     fast(torch.randn(1, 3, 16, 16))
     fast(torch.randn(2, 3, 16, 12))
     assert graphs == [False, True]
+
+
+@pytest.mark.parametrize('options,graphs_expected', [({}, 1), ({'mode': 'default'}, 2)])
+def test_compiled_model_does_not_check_its_frozen_modules(options, graphs_expected):
+    """Changing a module after compiling does not recompile (freezing has made its weights constants);
+    where compile_options take that default away (a mode), dynamo's module guards recompile."""
+    torch._dynamo.reset()
+    graphs = []
+    fast = optimize_for_inference(timm.create_model('test_mambavision').eval(), compile=True,
+                                  compile_options=dict(backend=_shape_recorder(graphs), **options))
+    x = torch.randn(1, 3, 64, 64)
+    fast(x)
+    fast.model.head.fc = nn.Linear(fast.model.head.fc.in_features, 7)
+    fast(x)
+    assert len(graphs) == graphs_expected
