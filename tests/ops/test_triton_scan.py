@@ -16,6 +16,7 @@ import os
 import importlib.util
 import json
 import subprocess
+from pathlib import Path
 import sys
 import traceback
 
@@ -24,8 +25,8 @@ import torch
 
 pytest.importorskip('triton')
 
-from conftest import REPO
-if str(REPO) not in sys.path:  # the worker runs this file as a script
+REPO = Path(__file__).resolve().parents[2]  # not conftest's: the worker runs this file as a script
+if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mambavision.ops import triton_scan  # noqa: E402
