@@ -56,8 +56,9 @@ def mixer_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x, weight = x.float().contiguous(), weight.float().contiguous()
     out = torch.empty_like(x)
     batch, length, channels = x.shape
-    load().mv_mixer_conv_silu(x.data_ptr(), weight.data_ptr(), out.data_ptr(), batch, length, channels,
-                              weight.shape[-1], torch.get_num_threads())
+    with torch.profiler.record_function('mixer_conv_silu kernel'):  # the op itself is not always recorded
+        load().mv_mixer_conv_silu(x.data_ptr(), weight.data_ptr(), out.data_ptr(), batch, length, channels,
+                                  weight.shape[-1], torch.get_num_threads())
     return out
 
 
@@ -87,9 +88,11 @@ def mixer_ssm(act: torch.Tensor, proj: torch.Tensor, w_dt: torch.Tensor, dt_bias
         return torch.cat([y.transpose(1, 2), z], dim=-1)
     out = torch.empty_like(act)
     batch, length, channels = act.shape[0], act.shape[1], act.shape[2] // 2
-    load().mv_mixer_ssm_fwd(
-        act.data_ptr(), proj.data_ptr(), proj.shape[2], w_dt.data_ptr(), dt_bias.data_ptr(), A.data_ptr(),
-        D.data_ptr(), out.data_ptr(), batch, length, channels, w_dt.shape[1], A.shape[1], torch.get_num_threads())
+    with torch.profiler.record_function('mixer_ssm kernel'):
+        load().mv_mixer_ssm_fwd(
+            act.data_ptr(), proj.data_ptr(), proj.shape[2], w_dt.data_ptr(), dt_bias.data_ptr(), A.data_ptr(),
+            D.data_ptr(), out.data_ptr(), batch, length, channels, w_dt.shape[1], A.shape[1],
+            torch.get_num_threads())
     return out
 
 
