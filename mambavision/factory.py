@@ -136,6 +136,7 @@ def create_model_with_weights(command: str, name: str, checkpoint: Optional[str]
         print(f'mambavision {command}: warning: {e}; the sample run goes on with RANDOM weights', file=sys.stderr)
         return timm.create_model(name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
-    print(f'mambavision {command}: published weights of {name} ({os.path.basename(path)}), '
-          f'licence {model.pretrained_cfg.get("license")}', file=sys.stderr)
+    cfg = model.pretrained_cfg
+    tagged = f'{cfg["architecture"]}.{cfg["tag"]}' if cfg.get('tag') else name  # the tag the weights are of
+    print(f'mambavision {command}: published weights of {tagged}, licence {cfg.get("license")}', file=sys.stderr)
     return model
