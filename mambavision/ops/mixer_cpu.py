@@ -47,18 +47,23 @@ def applies(x: torch.Tensor, d_conv: int, dt_rank: int, d_state: int, *params: t
         and d_state <= limits[2]
 
 
+def _float32_or_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous, in float32 unless it is bf16 (which the kernels read as it is)."""
+    return (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
+
+
 @torch.library.custom_op('mambavision::mixer_conv_silu', mutates_args=())
 def mixer_conv_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(depthwise conv1d of x along L), 'same' zero padding: x (B, L, C), weight (C, 1, k), k odd.
 
     Returns float32 (B, L, C).
     """
-    x, weight = x.float().contiguous(), weight.float().contiguous()
-    out = torch.empty_like(x)
+    x, weight = _float32_or_bf16(x), weight.float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
     batch, length, channels = x.shape
     with torch.profiler.record_function('mixer_conv_silu kernel'):  # the op itself is not always recorded
-        load().mv_mixer_conv_silu(x.data_ptr(), weight.data_ptr(), out.data_ptr(), batch, length, channels,
-                                  weight.shape[-1], torch.get_num_threads())
+        load().mv_mixer_conv_silu(x.data_ptr(), x.dtype == torch.bfloat16, weight.data_ptr(), out.data_ptr(),
+                                  batch, length, channels, weight.shape[-1], torch.get_num_threads())
     return out
 
 
@@ -76,13 +81,13 @@ def mixer_ssm(act: torch.Tensor, proj: torch.Tensor, w_dt: torch.Tensor, dt_bias
     dt_proj, whose bias enters twice (delta = dt_proj(dt), then delta_bias = dt_bias in the scan);
     A (D, N), D (D,).
     """
-    act, proj = act.float().contiguous(), proj.float().contiguous()
+    act, proj = act.float().contiguous(), _float32_or_bf16(proj)
     w_dt, dt_bias, A, D = (t.float().contiguous() for t in (w_dt, dt_bias, A, D))
     backend = resolve_scan_backend('cpu')
     if backend != 'cpu_kernel':
         u, z = act.chunk(2, dim=-1)
         rank, nstate = w_dt.shape[1], A.shape[1]
-        dt, b, c = (t.transpose(1, 2) for t in proj.split([rank, nstate, nstate], dim=-1))
+        dt, b, c = (t.transpose(1, 2) for t in proj.float().split([rank, nstate, nstate], dim=-1))
         dt = F.linear(dt.transpose(1, 2), w_dt, dt_bias).transpose(1, 2)
         y = selective_scan(u.transpose(1, 2), dt, A, b, c, D, dt_bias, True, backend=backend)
         return torch.cat([y.transpose(1, 2), z], dim=-1)
@@ -90,9 +95,9 @@ def mixer_ssm(act: torch.Tensor, proj: torch.Tensor, w_dt: torch.Tensor, dt_bias
     batch, length, channels = act.shape[0], act.shape[1], act.shape[2] // 2
     with torch.profiler.record_function('mixer_ssm kernel'):
         load().mv_mixer_ssm_fwd(
-            act.data_ptr(), proj.data_ptr(), proj.shape[2], w_dt.data_ptr(), dt_bias.data_ptr(), A.data_ptr(),
-            D.data_ptr(), out.data_ptr(), batch, length, channels, w_dt.shape[1], A.shape[1],
-            torch.get_num_threads())
+            act.data_ptr(), proj.data_ptr(), proj.dtype == torch.bfloat16, proj.shape[2], w_dt.data_ptr(),
+            dt_bias.data_ptr(), A.data_ptr(), D.data_ptr(), out.data_ptr(), batch, length, channels,
+            w_dt.shape[1], A.shape[1], torch.get_num_threads())
     return out
 
 

@@ -78,9 +78,12 @@ def test_kernels_take_bf16_inputs_and_do_not_depend_on_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
-    half = {k: v.bfloat16() for k, v in x.items()}
+    half = {k: v.bfloat16() for k, v in x.items()}  # bf16 act and proj are read as they are, the rest cast
     expected = mixer_cpu.mixer_ssm(**{k: v.float() for k, v in half.items()})
-    torch.testing.assert_close(mixer_cpu.mixer_ssm(**half), expected)
+    torch.testing.assert_close(mixer_cpu.mixer_ssm(**half), expected, rtol=0, atol=0)
+    weight = torch.randn(100, 1, 3)
+    expected = mixer_cpu.mixer_conv_silu(half['act'].float(), weight)
+    torch.testing.assert_close(mixer_cpu.mixer_conv_silu(half['act'], weight), expected, rtol=0, atol=0)
 
 
 @needs_kernel

@@ -229,25 +229,46 @@ int mv_selective_scan_bwd(const float *u, const float *delta, const float *A, co
 /* ---- The MambaVision mixer's inference path, in the tokens-first layout of its linear layers ----
  *
  * mv_mixer_conv_silu: out = silu(depthwise conv along t of x), 'same' zero padding, for x and out
- * (batch, L, channels) and the kernel w (channels, width), width odd.
+ * (batch, L, channels) and the kernel w (channels, width), width odd. x is float32, or bfloat16 where
+ * x_bf16 is set (as autocast's linear layers write it).
  *
  * mv_mixer_ssm_fwd: the selective scan of the mixer's SSM branch with its step-size projection, and
  * its symmetric branch passed through. act (batch, L, 2D) holds u = act[..., :D] and z = act[..., D:];
  * proj (batch, L, R + 2N), row stride ld_proj, holds the low-rank step size, B and C; w_dt (D, R) and
  * dt_bias (D,) are dt_proj's weight and bias. With delta = (w_dt . proj[:R] + dt_bias) + dt_bias (the bias
  * enters twice, as in the published mixer), the scan above runs with softplus; out (batch, L, 2D) gets
- * [y, z]. */
+ * [y, z]. proj is float32, or bfloat16 where proj_bf16 is set. */
 
 static inline vf silu_f32(vf x) { return x / (1.0f + exp_f32(-x)); }
 
-void mv_mixer_conv_silu(const float *x, const float *w, float *out, long batch, long length, long channels,
-                        long width, int threads) {
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+
+/* The first w <= LANES values at element offset i of x (float32, or bfloat16 if bf16), zeros after them. */
+static inline vf load_any(const void *x, long i, int w, int bf16) {
+    if (!bf16) return load((const float *)x + i, w);
+    vh v = {0};
+    memcpy(&v, (const uint16_t *)x + i, sizeof(uint16_t) * (size_t)w);
+    return (vf)(__builtin_convertvector(v, vi) << 16);
+}
+
+/* n values at element offset i of x (float32, or bfloat16 if bf16) as float32 into out. */
+static inline void read_row(const void *x, long i, long n, int bf16, float *out) {
+    if (!bf16) { memcpy(out, (const float *)x + i, sizeof(float) * (size_t)n); return; }
+    const uint16_t *h = (const uint16_t *)x + i;
+    for (long k = 0; k < n; k++) {
+        uint32_t bits = (uint32_t)h[k] << 16;
+        memcpy(out + k, &bits, sizeof(float));
+    }
+}
+
+void mv_mixer_conv_silu(const void *x, int x_bf16, const float *w, float *out, long batch, long length,
+                        long channels, long width, int threads) {
     long groups = (channels + LANES - 1) / LANES, half = width / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < batch * groups; item++) {
         long b = item / groups, d0 = (item % groups) * LANES;
         int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
-        const float *xs = x + b * length * channels + d0;
+        long xs = b * length * channels + d0;
         float *os = out + b * length * channels + d0;
         vf taps[MAX_WIDTH];
         for (long j = 0; j < width; j++) {
@@ -259,23 +280,23 @@ void mv_mixer_conv_silu(const float *x, const float *w, float *out, long batch, 
             vf acc = splat(0.0f);
             for (long j = 0; j < width; j++) {
                 long s = t + j - half;
-                if (s >= 0 && s < length) acc += taps[j] * load(xs + s * channels, lanes);
+                if (s >= 0 && s < length) acc += taps[j] * load_any(x, xs + s * channels, lanes, x_bf16);
             }
             store(os + t * channels, silu_f32(acc), lanes);
         }
     }
 }
 
-void mv_mixer_ssm_fwd(const float *act, const float *proj, long ld_proj, const float *w_dt, const float *dt_bias,
-                      const float *A, const float *D_skip, float *out, long batch, long length, long channels,
-                      long rank, long nstate, int threads) {
+void mv_mixer_ssm_fwd(const float *act, const void *proj, int proj_bf16, long ld_proj, const float *w_dt,
+                      const float *dt_bias, const float *A, const float *D_skip, float *out, long batch,
+                      long length, long channels, long rank, long nstate, int threads) {
     long groups = (channels + LANES - 1) / LANES, row = 2 * channels;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long item = 0; item < batch * groups; item++) {
         long b = item / groups, d0 = (item % groups) * LANES;
         int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
-        const float *u = act + b * length * row + d0, *p = proj + b * length * ld_proj;
-        float *y = out + b * length * row + d0;
+        const float *u = act + b * length * row + d0;
+        float *y = out + b * length * row + d0, pt[MAX_RANK + 2 * MAX_STATE];
         vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK];
         for (long n = 0; n < nstate; n++) {
             a_neg[n] = load_column(A, nstate, n, d0, lanes);
@@ -284,7 +305,7 @@ void mv_mixer_ssm_fwd(const float *act, const float *proj, long ld_proj, const f
         for (long r = 0; r < rank; r++) w_cols[r] = load_column(w_dt, rank, r, d0, lanes);
         vf bias = load(dt_bias + d0, lanes), skip = load(D_skip + d0, lanes);
         for (long t = 0; t < length; t++) {
-            const float *pt = p + t * ld_proj;
+            read_row(proj, (b * length + t) * ld_proj, rank + 2 * nstate, proj_bf16, pt);
             vf dt = splat(0.0f);
             for (long r = 0; r < rank; r++) dt += w_cols[r] * pt[r];
             dt = softplus_f32((dt + bias) + bias);
