@@ -15,6 +15,7 @@
 #define LANES 16
 #define MAX_STATE 64
 #define MAX_RANK 256 /* step-size rank of the fused mixer kernel */
+#define CHUNK 32     /* tokens whose step sizes the fused mixer kernel computes ahead */
 #define MAX_WIDTH 15 /* depthwise conv width of the fused mixer kernel */
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
@@ -296,27 +297,35 @@ void mv_mixer_ssm_fwd(const float *act, const void *proj, int proj_bf16, long ld
         long b = item / groups, d0 = (item % groups) * LANES;
         int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
         const float *u = act + b * length * row + d0;
-        float *y = out + b * length * row + d0, pt[MAX_RANK + 2 * MAX_STATE];
-        vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK];
+        float *y = out + b * length * row + d0, pt[MAX_RANK + 2 * MAX_STATE], bc[CHUNK][2 * MAX_STATE];
+        vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK], dts[CHUNK], dus[CHUNK];
         for (long n = 0; n < nstate; n++) {
             a_neg[n] = load_column(A, nstate, n, d0, lanes);
             h[n] = splat(0.0f);
         }
         for (long r = 0; r < rank; r++) w_cols[r] = load_column(w_dt, rank, r, d0, lanes);
         vf bias = load(dt_bias + d0, lanes), skip = load(D_skip + d0, lanes);
-        for (long t = 0; t < length; t++) {
-            read_row(proj, (b * length + t) * ld_proj, rank + 2 * nstate, proj_bf16, pt);
-            vf dt = splat(0.0f);
-            for (long r = 0; r < rank; r++) dt += w_cols[r] * pt[r];
-            dt = softplus_f32((dt + bias) + bias);
-            vf ut = load(u + t * row, lanes);
-            vf du = dt * ut, yt = skip * ut;
-            for (long n = 0; n < nstate; n++) {
-                h[n] = exp_f32(dt * a_neg[n]) * h[n] + du * pt[rank + n];
-                yt += h[n] * pt[rank + nstate + n];
+        for (long t0 = 0; t0 < length; t0 += CHUNK) {
+            long steps = length - t0 < CHUNK ? length - t0 : CHUNK;
+            /* the step sizes of a chunk first: no dependence between tokens, so their latency overlaps */
+            for (long i = 0; i < steps; i++) {
+                read_row(proj, (b * length + t0 + i) * ld_proj, rank + 2 * nstate, proj_bf16, pt);
+                vf acc[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+                for (long r = 0; r < rank; r++) acc[r & 3] += w_cols[r] * pt[r];
+                dts[i] = softplus_f32((((acc[0] + acc[1]) + (acc[2] + acc[3])) + bias) + bias);
+                dus[i] = dts[i] * load(u + (t0 + i) * row, lanes);
+                memcpy(bc[i], pt + rank, sizeof(float) * (size_t)(2 * nstate));
             }
-            store(y + t * row, yt, lanes);
-            store(y + t * row + channels, load(u + t * row + channels, lanes), lanes);
+            for (long i = 0; i < steps; i++) {
+                long t = t0 + i;
+                vf ut = load(u + t * row, lanes), yt = skip * ut;
+                for (long n = 0; n < nstate; n++) {
+                    h[n] = exp_f32(dts[i] * a_neg[n]) * h[n] + dus[i] * bc[i][n];
+                    yt += h[n] * bc[i][nstate + n];
+                }
+                store(y + t * row, yt, lanes);
+                store(y + t * row + channels, load(u + t * row + channels, lanes), lanes);
+            }
         }
     }
 }
