@@ -58,26 +58,12 @@ def cast_for_autocast(model: MambaVision, dtype: torch.dtype = torch.bfloat16) -
     return model
 
 
-def _compile_arguments(options: dict) -> dict:
-    """``torch.compile`` arguments: static shapes, no guards on the (frozen) modules, then ``options`` on top.
-
-    Freezing makes the weights constants of the graph, so dynamo's per-call checks of every module and
-    parameter (0.6 ms a call for mambavision_t) guard nothing; the input's shape is still checked.
-    """
-    arguments = {'dynamic': False, **options}
-    if 'mode' not in arguments:  # torch.compile takes mode or options, not both
-        arguments['options'] = {'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                **arguments.get('options', {})}
-    return arguments
-
-
 class InferenceModel(nn.Module):
     """Runs a prepared model without autograd, on channels_last input, under autocast to ``dtype`` (None: off).
 
     (B, C, H, W) float32 images -> what ``model`` returns, in ``dtype`` (float32 when ``dtype`` is None).
     With ``compile``, inductor compiles it with freezing on the first call and again, for that shape only
-    (``dynamic=False``), on each new input shape, without re-checking the modules on each call (their
-    weights are frozen into the graph); ``compile_options`` go to ``torch.compile`` and win.
+    (``dynamic=False``), on each new input shape; ``compile_options`` go to ``torch.compile`` and win.
     """
 
     def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False,
@@ -86,7 +72,7 @@ class InferenceModel(nn.Module):
         self.model = model
         self.dtype = dtype
         self.compiled = compile
-        self._run = torch.compile(self._autocast_forward, **_compile_arguments(compile_options or {})) \
+        self._run = torch.compile(self._autocast_forward, **{'dynamic': False, **(compile_options or {})}) \
             if compile else self._autocast_forward
 
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +106,7 @@ def optimize_for_inference(
             mambavision_t on 2 cores), and each new input shape compiles a graph of its own (static shapes,
             ``dynamic=False``: as fast as the first, where dynamo's automatic dynamic shapes would spend
             minutes on a slower shape-generic graph). Past ``torch._dynamo.config.recompile_limit`` shapes (8)
-            further shapes run eagerly. Later changes to the weights or modules are not seen.
+            further shapes run eagerly. Later changes to the weights are not seen.
         compile_options: more ``torch.compile`` arguments, which override the defaults: e.g.
             ``dict(dynamic=True)`` for one shape-generic graph when input sizes vary a lot, or
             ``dict(mode='max-autotune')`` (on CUDA it adds CUDA graphs).
