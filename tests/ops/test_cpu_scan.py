@@ -1,4 +1,5 @@
-"""Our C scan kernel (``cpu_kernel`` backend): built on first use, against the sequential reference, and its fallbacks."""
+"""Our C scan kernel (``cpu_kernel`` backend): built on first use, against the sequential reference, and its
+fallbacks."""
 import importlib
 import os
 import shutil
@@ -16,7 +17,8 @@ HAS_COMPILER = cpu_scan._compiler() is not None
 
 
 def _inputs(batch, channels, length, d_state, seed, tokens_first=False, delta_scale=1.0):
-    """Random scan inputs; ``tokens_first``: delta, B and C as transposed views of (batch, L, .) tensors (the mixer's)."""
+    """Random scan inputs; ``tokens_first``: delta, B and C as transposed views of (batch, L, .) tensors (the
+    mixer's)."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, channels, length, generator=g)
     delta = torch.randn(batch, channels, length, generator=g) * delta_scale - 1
@@ -90,7 +92,8 @@ def test_backward_kernel_matches_reference(channels, length, d_state):
 
 
 @needs_kernel
-@pytest.mark.parametrize('use_d, use_bias, softplus', [(False, False, True), (True, False, False), (False, True, False)])
+@pytest.mark.parametrize('use_d, use_bias, softplus',
+                         [(False, False, True), (True, False, False), (False, True, False)])
 def test_kernels_with_optional_inputs(use_d, use_bias, softplus):
     x = _inputs(batch=3, channels=21, length=17, d_state=4, seed=9, tokens_first=True)
     x['delta'] = x['delta'].abs() if not softplus else x['delta']
