@@ -13,7 +13,8 @@ the same kind (best path against best path, eager against eager) as the median o
 ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`` (O(1)
 logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
 ``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
-training path, and the inference path before ``ops.mixer_cpu``'s fused kernels), for a before/after.
+training path, and the inference path before ``ops.mixer_cpu``'s fused kernels), for a before/after;
+``--autotune`` adds every best path compiled with ``mode='max-autotune'`` (compared like with like).
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
 """
@@ -41,16 +42,16 @@ from mambavision.inference import InferenceModel, optimize_for_inference  # noqa
 MODELS = ('mambavision_t', 'convnext_tiny', 'swin_tiny_patch4_window7_224')
 
 
-def best_path(model: nn.Module) -> nn.Module:
+def best_path(model: nn.Module, **compile_options) -> nn.Module:
     """The fastest inference treatment: ``optimize_for_inference`` for ours, its same rewrites for a timm peer."""
     if isinstance(model, mambavision.MambaVision):
-        return optimize_for_inference(model, torch.bfloat16, compile=True)
+        return optimize_for_inference(model, torch.bfloat16, compile=True, compile_options=compile_options)
     model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.to(torch.bfloat16)
-    return InferenceModel(model, torch.bfloat16, compile=True)
+    return InferenceModel(model, torch.bfloat16, compile=True, compile_options=compile_options)
 
 
 def op_path(model: nn.Module) -> nn.Module:
@@ -76,12 +77,15 @@ class Variant:
             return self.fn(x)
 
 
-def build_variants(names, with_op_path: bool = False) -> List[Variant]:
+def build_variants(names, with_op_path: bool = False, autotune: bool = False) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         variants.append(Variant(name, 'fp32 eager', model))
         variants.append(Variant(name, 'best path (bf16, compiled)', best_path(copy.deepcopy(model))))
+        if autotune:
+            variants.append(Variant(name, 'best path, max-autotune',
+                                    best_path(copy.deepcopy(model), mode='max-autotune')))
         if with_op_path and isinstance(model, mambavision.MambaVision):
             variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model))))
             variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model)))))
@@ -89,7 +93,7 @@ def build_variants(names, with_op_path: bool = False) -> List[Variant]:
 
 
 def run(args) -> str:
-    variants = build_variants(args.models, args.op_path)
+    variants = build_variants(args.models, args.op_path, args.autotune)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -111,6 +115,8 @@ def run(args) -> str:
                  '|---|---|---:|---:|---:|---:|']
         for v in variants:
             kind = 'fp32 eager' if v.kind.startswith('fp32') else 'best path (bf16, compiled)'
+            if v.kind.endswith('max-autotune'):
+                kind = v.kind
             peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == kind)
             ratio = statistics.median(p / t for p, t in zip(peer.times, v.times))
             ref = eager[v.model_name]
@@ -133,6 +139,8 @@ def main():
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--op-path', action='store_true',
                         help="also time MambaVision's mixers on the scan op's path (before/after the fused kernels)")
+    parser.add_argument('--autotune', action='store_true',
+                        help="also time each best path compiled with mode='max-autotune' (inductor's C++ GEMMs)")
     parser.add_argument('--output', help='also write the markdown report to this file')
     args = parser.parse_args()
     if len(args.models) < 2:
