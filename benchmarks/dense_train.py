@@ -104,7 +104,7 @@ def run_one(task: str, config: str, device: str, steps: int, warmup: int) -> dic
     else:  # ru_maxrss is KiB on Linux
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     return dict(task=task, config=config, seconds_per_step=seconds, iters_per_s=1 / seconds, peak_mib=peak_mib,
-                loss=float(loss))
+                loss=loss.item())
 
 
 def main():
