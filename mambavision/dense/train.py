@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..train import save_checkpoint  # atomic: a temporary file, flushed, renamed over the path
+
 __all__ = [
     'DenseTrainConfig', 'train_dense', 'recipe', 'poly_schedule', 'step_schedule', 'optimizer_param_groups',
     'SyncBatchNorm2d', 'convert_sync_batchnorm', 'StreamSampler', 'EpochKeyed', 'evaluate_segmentation',
@@ -468,13 +470,6 @@ def _batch_split(total_batch: int, batch_size: int, world: int) -> int:
     return total_batch // per_pass
 
 
-def _save(state: Dict[str, Any], path: str):
-    """``torch.save`` to a temporary file, then renamed over ``path`` (never a partial checkpoint)."""
-    tmp = f'{path}.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _meta(model: nn.Module, config: DenseTrainConfig, iteration: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
     return dict(dataset_meta=dict(classes=list(model.class_names), palette=[list(c) for c in model.palette]),
                 model=config.model_name, task=config.task, num_classes=len(model.class_names), iteration=iteration,
@@ -690,10 +685,10 @@ def _loop(step_module, model, optimizer, scaler, loader, lrs, config, device, ra
                 _logger.info(f'iteration {done}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
                 if best is None or metrics[best_key] > best[best_key]:
                     best = dict(metrics, iteration=done)
-                    _save(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics)),
+                    save_checkpoint(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics)),
                           os.path.join(config.output, 'best.pth'))
         if rank == 0 and (done % checkpoint_every == 0 or done == iters):
-            _save(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics or {}),
+            save_checkpoint(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics or {}),
                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
                        iteration=done, best=best, config=dataclasses.asdict(config)),
                   os.path.join(config.output, 'last.pth'))

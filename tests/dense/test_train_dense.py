@@ -214,7 +214,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     """Stopped after 3 of 6 iterations (dropout, drop path, 2 accumulation steps) and resumed with another worker
     count: weights, optimiser state and BatchNorm statistics equal the uninterrupted run's, bit for bit."""
     saves = []
-    save = dense_train._save
+    save = dense_train.save_checkpoint
 
     def keep_copies(state, path):
         save(state, path)
@@ -222,7 +222,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
             saves.append((state['iteration'], path + f'.{state["iteration"]}'))
             save(state, saves[-1][1])
 
-    monkeypatch.setattr(dense_train, '_save', keep_copies)
+    monkeypatch.setattr(dense_train, 'save_checkpoint', keep_copies)
     config = _config(tmp_path, 'whole', batch_size=2, checkpoint_interval=3)
     dataset = ShapesDataset(range(10), train=True)
     train_dense(tiny_upernet(dropout=0.3, drop_path=0.2), config, dataset, collate)
