@@ -189,7 +189,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The weights in ``path`` (the ``state_dict`` entry of a training checkpoint), without running code."""
-    checkpoint = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def state_dict_of(checkpoint: Dict[str, Any], path: str) -> Dict[str, torch.Tensor]:
+    """The weights of ``checkpoint`` (read from ``path`` by ``read_checkpoint``): its ``state_dict`` entry, or the
+    whole dict when it is a plain state dict."""
     for key in ('state_dict', 'model'):  # 'state_dict', not 'state_dict_ema': the published accuracies use it
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]

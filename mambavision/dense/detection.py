@@ -19,7 +19,7 @@ from torch import nn
 
 from ..model import create_dense_backbone
 from ..published import published_models
-from .factory import load_published_model, published_entry
+from .factory import load_published_model, published_entry, read_dense_checkpoint
 from .classes import COCO_CLASSES, COCO_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
@@ -189,14 +189,17 @@ def create_detector(
     Args:
         name: e.g. 'cascade_mask_rcnn_mambavision_t.nv_coco' (or 'cascade_mask_rcnn_mambavision_t').
         pretrained: download the published weights (Hugging Face; cached).
-        checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
+        checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours; a
+            checkpoint that records its classes (a fine-tuned one: ``meta.dataset_meta``) brings its class count,
+            names and palette, unless ``num_classes`` is given.
         backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
         kwargs: ``CascadeMaskRCNN`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
             load into everything but the class-specific layers - classifiers, class-specific box regressors, mask
             logits - which stay freshly initialised), or ``test_scale``.
     """
     entry = published_entry('det', name)
+    checkpoint, kwargs = read_dense_checkpoint(checkpoint_path, kwargs)
     kwargs = {'test_scale': entry.test_scale, **kwargs}
     model = CascadeMaskRCNN(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
-    return load_published_model(model, entry, checkpoint_path, pretrained,
+    return load_published_model(model, entry, checkpoint, checkpoint_path, pretrained,
                                 class_specific=('.fc_cls.', '.fc_reg.', '.conv_logits.'))

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model import create_dense_backbone
 from ..published import published_models
-from .factory import load_published_model, published_entry, published_file
+from .factory import load_published_model, published_entry, published_file, read_dense_checkpoint
 from .classes import ADE20K_CLASSES, ADE20K_PALETTE, random_palette
 from .image import as_rgb_images
 from .layers import ConvModule
@@ -294,16 +294,20 @@ def create_segmenter(
     Args:
         name: e.g. 'upernet_mambavision_t.nv_ade20k' (or 'upernet_mambavision_t').
         pretrained: download the published weights (Hugging Face; cached).
-        checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours.
+        checkpoint_path: a local published ``.pth`` (mmengine checkpoint) or a saved ``state_dict`` of ours; a
+            checkpoint that records its classes (a fine-tuned one: ``meta.dataset_meta``) brings its class count,
+            names and palette, unless ``num_classes`` is given.
         backbone_kwargs: ``MambaVision`` arguments overriding the architecture's (e.g. ``drop_path_rate``).
         kwargs: ``UPerNet`` arguments, e.g. ``num_classes`` for one's own classes (the published weights then
             load into everything but the two 1x1 classifiers, which stay freshly initialised).
     """
     entry = published_entry('seg', name)
+    checkpoint, kwargs = read_dense_checkpoint(checkpoint_path, kwargs)
     ade20k = dict(class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE) if kwargs.get('num_classes', 150) == 150 else {}
     kwargs = {'test_scale': entry.test_scale, **ade20k, **kwargs}
     model = UPerNet(create_dense_backbone(entry.backbone_tag, **(backbone_kwargs or {})), **kwargs)
-    return load_published_model(model, entry, checkpoint_path, pretrained, class_specific=('.conv_seg.',))
+    return load_published_model(model, entry, checkpoint, checkpoint_path, pretrained,
+                                class_specific=('.conv_seg.',))
 
 
 # ---------------------------------------------------------------------------------------------

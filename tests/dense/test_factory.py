@@ -170,3 +170,20 @@ def test_own_classes_keep_fresh_class_specific_layers(tmp_path, task, fresh):
             assert tensor.shape != source.state_dict()[name].shape, name
         else:
             assert torch.equal(tensor, source.state_dict()[name]), name
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_a_fine_tuned_checkpoint_brings_its_classes(tmp_path, task):
+    """A checkpoint that records its classes (meta.dataset_meta, as mmengine and our trainer write it) comes back
+    with its own classifiers, class names and palette from the name alone; num_classes given still wins."""
+    names, palette = ['cat', 'dog', 'fish'], [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    torch.manual_seed(0)
+    source = FACTORIES[task](T_NAMES[task], num_classes=3, **SMALL[task])
+    path = tmp_path / 'fine_tuned.pth'
+    torch.save({'meta': {'dataset_meta': {'classes': names, 'palette': palette}}, 'state_dict': source.state_dict()},
+               path)
+    model = FACTORIES[task](T_NAMES[task].split('.')[0], checkpoint_path=str(path), **SMALL[task])
+    assert model.class_names == names and model.palette == palette and 'fresh' not in model.published
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    other = FACTORIES[task](T_NAMES[task], checkpoint_path=str(path), num_classes=5, **SMALL[task])
+    assert len(other.class_names) == 5 and other.published['fresh']
