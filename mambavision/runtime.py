@@ -60,9 +60,14 @@ def amp_autocast(device_type: str, amp: Optional[str]):
 def init_distributed(device: Optional[str]) -> Tuple[torch.device, int, int]:
     """Join torchrun's process group when there is one (NCCL on GPUs, gloo on CPUs): (device, rank, world size).
 
-    Each rank takes the GPU of its ``LOCAL_RANK``; one process without torchrun gets rank 0 of 1.
+    Each rank takes the GPU of its ``LOCAL_RANK``; one process without torchrun gets rank 0 of 1. A process group
+    that already exists (set up by the caller) is used as it is.
     """
     device = str(resolve_device(device))
+    if dist.is_available() and dist.is_initialized():
+        if device == 'cuda':
+            device = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
+        return torch.device(device), dist.get_rank(), dist.get_world_size()
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
         local_rank = int(os.environ.get('LOCAL_RANK', 0))
         if device.startswith('cuda'):

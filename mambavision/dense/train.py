@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime import amp_autocast, init_distributed
 from ..train import save_checkpoint  # atomic: a temporary file, flushed, renamed over the path
 
 __all__ = [
@@ -329,7 +330,7 @@ def evaluate_segmentation(model, val_set, amp: Optional[str], device: torch.devi
     areas = torch.zeros(4, num_classes, dtype=torch.int64)
     for i in _shard(len(val_set), rank, world):
         image, label = val_set.load(i)
-        with _autocast(device, amp):
+        with amp_autocast(device.type, amp):
             pred = model.predict(image, return_logits=False)[0]['labels']
         areas += intersect_and_union(pred.cpu(), torch.as_tensor(np.asarray(label)), num_classes)
     if world > 1:
@@ -348,7 +349,7 @@ def evaluate_detection(model, val_set, amp: Optional[str], device: torch.device,
     results = []
     for i in _shard(len(val_set), rank, world):
         image, _ = val_set.load(i)
-        with _autocast(device, amp):
+        with amp_autocast(device.type, amp):
             detections = {k: v.cpu() for k, v in model.predict(image)[0].items()}
         results += coco_results([detections], [val_set.records[i].image_id], val_set.category_ids)
     if world > 1:
@@ -444,23 +445,6 @@ def _resolve_amp(amp: str, device: torch.device) -> Optional[str]:
     return None if amp in ('none', None) else amp
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
-
-
-def _init_distributed(device: Optional[str]) -> Tuple[torch.device, int, int]:
-    """(device, rank, world): an existing process group is used as it is, else torchrun's is joined."""
-    if dist.is_available() and dist.is_initialized():
-        name = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        if name == 'cuda':
-            name = f'cuda:{int(os.environ.get("LOCAL_RANK", 0))}'
-        return torch.device(name), dist.get_rank(), dist.get_world_size()
-    from ..runtime import init_distributed
-    return init_distributed(device)
-
-
 def _batch_split(total_batch: int, batch_size: int, world: int) -> int:
     """Gradient-accumulation steps that make ``total_batch`` from ``batch_size`` images on ``world`` processes."""
     per_pass = batch_size * world
@@ -523,7 +507,7 @@ def train_dense(model: nn.Module, config: DenseTrainConfig, train_set, collate: 
         raise FileExistsError(f'{config.output} already holds a run; resume it with resume={config.output}/last.pth '
                               f'(--resume) or choose another output folder')
     own_group = not (dist.is_available() and dist.is_initialized())
-    device, rank, world = _init_distributed(config.device)
+    device, rank, world = init_distributed(config.device)
     try:
         return _train(model, config, train_set, collate, val_set, device, rank, world)
     finally:
@@ -641,7 +625,7 @@ def _loop(step_module, model, optimizer, scaler, loader, lrs, config, device, ra
             inputs, targets = _to_device(next(batches), device)
             sync = micro == accumulation - 1 or not isinstance(step_module, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else step_module.no_sync():
-                with _autocast(device, amp):
+                with amp_autocast(device.type, amp):
                     losses = _as_loss_dict(step_module(inputs, targets))
                 loss = _total_loss(losses)
                 if not torch.isfinite(loss):
