@@ -9,7 +9,7 @@ a BatchNorm over the final map and a pooled linear classifier. Stages 2-4 start
 with a stride-2 conv downsample, so stage ``i`` outputs stride ``4 * 2**i`` maps.
 """
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +217,7 @@ class HybridBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, **dd)
+        self.mixer: nn.Module
         if use_attention:
             self.mixer = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, **dd)
         else:
@@ -280,10 +281,11 @@ class MambaVisionStage(nn.Module):
         super().__init__()
         if not downsample and dim != dim_out:
             raise ValueError(f'a stage without downsample keeps its width, got {dim} -> {dim_out}')
-        drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [cast(float, drop_path)] * depth
         self.downsample = Downsample(dim, dim_out, **dd) if downsample else nn.Identity()
         self.window_size = window_size if windowed else None
         self.grad_checkpointing = False
+        blocks: List[nn.Module]
         if windowed:
             first_attention = (depth + 1) // 2
             blocks = [
@@ -372,7 +374,8 @@ class MambaVision(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.stem = Stem(in_chans, in_dim, dim, **dd)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # cpu: also under torch.device('meta')
+        # on the cpu: also under torch.device('meta')
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         dims = [dim * 2 ** i for i in range(4)]
         self.stages = nn.Sequential()
         self.feature_info = []
@@ -420,8 +423,8 @@ class MambaVision(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         """Recompute the windowed stages' blocks in backward; not the conv stages, whose BatchNorm
         running statistics would be updated a second time by the recomputation."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable and stage.window_size is not None
+        for stage in self.stages:  # typed as Module, whose attributes torch types Tensor | Module: hence the ignore
+            stage.grad_checkpointing = enable and stage.window_size is not None  # type: ignore[assignment]
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -526,7 +529,8 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs) -> Mam
     if output_stride not in (None, 32):
         raise ValueError(
             f'MambaVision has no dilated stages: output_stride={output_stride} is not supported, only 32')
-    cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None))
     kwargs = {**_arch_args(variant), **_DENSE_ARGS.get(f'{variant}.{cfg.tag}', {}), **kwargs}
     if kwargs.get('features_only'):
         kwargs.setdefault('num_classes', 0)  # the head is pruned anyway; a head-less file then fits
@@ -548,8 +552,8 @@ def create_dense_backbone(name: str, window_size: Optional[Sequence[int]] = None
     ``backbone.forward_intermediates(x, intermediates_only=True)`` gives its four outputs.
     """
     import timm
-    windows = {} if window_size is None else dict(window_size=tuple(window_size))
-    return timm.create_model(name, num_classes=0, out_norm=True, **windows, **kwargs)
+    windows: Dict[str, Any] = {} if window_size is None else dict(window_size=tuple(window_size))
+    return cast(MambaVision, timm.create_model(name, num_classes=0, out_norm=True, **windows, **kwargs))
 
 
 def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs):

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ _logger = logging.getLogger(__name__)
 # The published recipes (SPEC "Dense training"): lr and weight decay per variant, the rest per task.
 _LR = {'seg': {'t': 5e-5, 's': 6e-5, 'b': 5e-5, 'l3': 8e-5}, 'det': {'t': 1e-4, 's': 1e-4, 'b': 2e-4}}
 _WEIGHT_DECAY = {'seg': {'l3': 0.05}, 'det': {}}
-_TASK_DEFAULTS = {
+_TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
     'seg': dict(weight_decay=0.01, iters=160_000, warmup_iters=1500, warmup_factor=1e-6, batch_size=2,
                 eval_interval=16_000),
     'det': dict(weight_decay=0.05, epochs=36, warmup_iters=1000, warmup_factor=1e-3, batch_size=2,
@@ -73,7 +73,7 @@ def recipe(task: str, model_name: str = '') -> Dict[str, Any]:
     lr, weight_decay, iters or epochs, warm-up, and the per-process batch size and evaluation interval."""
     if task not in _TASK_DEFAULTS:
         raise ValueError(f"task must be 'seg' or 'det', got {task!r}")
-    variant = _variant(model_name)
+    variant = _variant(model_name) or ''  # '': no variant, the defaults
     out = dict(_TASK_DEFAULTS[task])
     out['lr'] = _LR[task].get(variant, _LR[task]['t'])
     out['weight_decay'] = _WEIGHT_DECAY[task].get(variant, out['weight_decay'])
@@ -148,7 +148,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[s
     make them: mmengine's ``DefaultOptimWrapperConstructor`` gives weight decay 0 to every parameter whose full
     name contains 'norm' (a substring test on the published name: the backbone's LayerNorms and out-norms, but
     not its stem BatchNorms nor the heads' ConvModule BatchNorms, which mmcv names ``bn``)."""
-    decay, no_decay = [], []
+    decay: List[nn.Parameter] = []
+    no_decay: List[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if 'norm' in _published_name(name) else decay).append(param)
@@ -303,7 +304,8 @@ def _as_loss_dict(out) -> Dict[str, torch.Tensor]:
 
 def _total_loss(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
     """mmengine's ``parse_losses``: the sum of the entries whose name contains 'loss'."""
-    return sum(v for k, v in losses.items() if 'loss' in k)
+    # a model's loss dict always holds a loss term, so sum's int start 0 is never what comes back
+    return cast(torch.Tensor, sum(v for k, v in losses.items() if 'loss' in k))
 
 
 def _to_device(batch, device: torch.device):
@@ -353,7 +355,7 @@ def evaluate_detection(model, val_set, amp: Optional[str], device: torch.device,
             detections = {k: v.cpu() for k, v in model.predict(image)[0].items()}
         results += coco_results([detections], [val_set.records[i].image_id], val_set.category_ids)
     if world > 1:
-        gathered = [None] * world
+        gathered: List[Any] = [None] * world
         dist.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
     if rank != 0:
@@ -455,8 +457,9 @@ def _batch_split(total_batch: int, batch_size: int, world: int) -> int:
 
 
 def _meta(model: nn.Module, config: DenseTrainConfig, iteration: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
-    return dict(dataset_meta=dict(classes=list(model.class_names), palette=[list(c) for c in model.palette]),
-                model=config.model_name, task=config.task, num_classes=len(model.class_names), iteration=iteration,
+    class_names = cast(List[str], model.class_names)  # UPerNet and CascadeMaskRCNN both hold them
+    return dict(dataset_meta=dict(classes=list(class_names), palette=[list(c) for c in model.palette]),
+                model=config.model_name, task=config.task, num_classes=len(class_names), iteration=iteration,
                 metrics=dict(metrics))
 
 
@@ -547,7 +550,7 @@ def _train(model, config, train_set, collate, val_set, device, rank, world) -> D
     start, best = 0, None
     if config.resume:
         start, best = _resume(config.resume, config, model, optimizer, scaler)
-    step_module = _LossStep(model)
+    step_module: nn.Module = _LossStep(model)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == 'cuda' else None,

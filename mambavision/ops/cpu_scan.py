@@ -99,16 +99,17 @@ def _build(compiler: List[str]) -> ctypes.CDLL:
             error = str(e)
             continue
         pointer, long = ctypes.c_void_p, ctypes.c_long
-        library.mv_selective_scan_fwd.argtypes = [pointer] * 7 + [ctypes.c_int, pointer] + [long] * 4 + [ctypes.c_int]
+        # lists written out with * (not joined with +), so that mypy keeps their item types
+        library.mv_selective_scan_fwd.argtypes = [*[pointer] * 7, ctypes.c_int, pointer, *[long] * 4, ctypes.c_int]
         library.mv_selective_scan_fwd.restype = None
-        library.mv_selective_scan_bwd.argtypes = [pointer] * 7 + [ctypes.c_int] + [pointer] * 8 + [long] * 4 \
-            + [ctypes.c_int]
+        library.mv_selective_scan_bwd.argtypes = [
+            *[pointer] * 7, ctypes.c_int, *[pointer] * 8, *[long] * 4, ctypes.c_int]
         library.mv_selective_scan_bwd.restype = ctypes.c_int
         library.mv_max_state.restype = ctypes.c_int
-        library.mv_mixer_conv_silu.argtypes = [pointer, ctypes.c_int] + [pointer] * 2 + [long] * 4 + [ctypes.c_int]
+        library.mv_mixer_conv_silu.argtypes = [pointer, ctypes.c_int, *[pointer] * 2, *[long] * 4, ctypes.c_int]
         library.mv_mixer_conv_silu.restype = None
-        library.mv_mixer_ssm_fwd.argtypes = [pointer, pointer, ctypes.c_int, long] + [pointer] * 5 + [long] * 5 \
-            + [ctypes.c_int]
+        library.mv_mixer_ssm_fwd.argtypes = [
+            pointer, pointer, ctypes.c_int, long, *[pointer] * 5, *[long] * 5, ctypes.c_int]
         library.mv_mixer_ssm_fwd.restype = None
         library.mv_max_rank.restype = library.mv_max_width.restype = ctypes.c_int
         return library

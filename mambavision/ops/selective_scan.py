@@ -27,7 +27,7 @@ as one node; the pure-PyTorch backends get their backward by recomputation.
 """
 import os
 import warnings
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple, cast
 
 import torch
 
@@ -198,7 +198,9 @@ def _backend_fns(backend: str, device_type: str) -> Tuple[Callable, Callable]:
     if fns is None:
         raise RuntimeError(f'scan backend {name!r} is not installed')
     if backend == 'auto' and name == 'triton':
-        (forward, backward), (torch_forward, torch_backward) = fns, _load('torch')
+        torch_fns = _load('torch')
+        assert torch_fns is not None  # the torch backend runs everywhere
+        (forward, backward), (torch_forward, torch_backward) = fns, torch_fns
         return (_first_call_fallback('forward', forward, torch_forward),
                 _first_call_fallback('backward', backward, torch_backward))
     return fns
@@ -237,6 +239,9 @@ def _scan_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, backend):
     return u.new_empty(u.shape)
 
 
+_Grads = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @torch.library.custom_op('mambavision::selective_scan_backward', mutates_args=())
 def _scan_backward_op(
         dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -246,7 +251,7 @@ def _scan_backward_op(
     """Gradients of every input of ``selective_scan``; an empty tensor for an absent D / delta_bias."""
     _, backward = _backend_fns(backend, u.device.type)
     grads = backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus)
-    return tuple(dy.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return cast(_Grads, tuple(dy.new_empty(0) if g is None else g.contiguous() for g in grads))  # seven, as backward's
 
 
 @_scan_backward_op.register_fake
