@@ -26,7 +26,7 @@ import shlex
 import statistics
 import sys
 import time
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -179,21 +179,29 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    write_report('CPU inference, 224x224',
+                 f'{args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed-up = median of '
+                 'per-round ratios; rel err = ||logits - logits_fp32|| / ||logits_fp32|| over the batch',
+                 lambda: run(args), args.output)
+
+
+def write_report(title: str, protocol: str, body: Callable[[], str], output: Optional[str]) -> None:
+    """Print a markdown report (machine, date, command, protocol, then what ``body()`` measures, then the wall
+    time), and write it to ``output`` too when given."""
     started = datetime.datetime.now(datetime.UTC)
     header = [
-        '## CPU inference, 224x224',
+        f'## {title}',
         f'- machine: {machine()}',
         f'- date: {started:%Y-%m-%d %H:%M} UTC',
         f'- command: `python {" ".join(shlex.quote(a) for a in sys.argv)}`',
-        f'- protocol: {args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed-up = median of '
-        'per-round ratios; rel err = ||logits - logits_fp32|| / ||logits_fp32|| over the batch',
+        f'- protocol: {protocol}',
     ]
     print('\n'.join(header), flush=True)
-    report = '\n'.join(header) + '\n' + run(args)
+    report = '\n'.join(header) + '\n' + body()
     report += f'\n\ntotal wall time: {(datetime.datetime.now(datetime.UTC) - started).total_seconds():.0f} s\n'
     print(report.splitlines()[-1])
-    if args.output:
-        with open(args.output, 'w') as f:
+    if output:
+        with open(output, 'w') as f:
             f.write(report)
 
 

@@ -20,9 +20,7 @@ training path, and the inference path before ``ops.mixer_cpu``'s fused kernels),
 """
 import argparse
 import copy
-import datetime
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ import timm
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from cpu import machine, realistic_init  # noqa: E402
+from cpu import realistic_init, write_report  # noqa: E402
 import mambavision  # noqa: E402, F401  (registers the models)
 from mambavision.inference import InferenceModel, optimize_for_inference  # noqa: E402
 
@@ -147,22 +145,10 @@ def main():
         parser.error('--models needs at least two names (the second is the comparison)')
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = datetime.datetime.now(datetime.UTC)
-    header = [
-        '## CPU inference against peers, 224x224',
-        f'- machine: {machine()}',
-        f'- date: {started:%Y-%m-%d %H:%M} UTC',
-        f'- command: `python {" ".join(shlex.quote(a) for a in sys.argv)}`',
-        f'- protocol: {args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed = median of '
-        'per-round ratios; rel err = ||logits - logits_fp32_eager|| / ||logits_fp32_eager|| over the batch',
-    ]
-    print('\n'.join(header), flush=True)
-    report = '\n'.join(header) + '\n' + run(args)
-    report += f'\n\ntotal wall time: {(datetime.datetime.now(datetime.UTC) - started).total_seconds():.0f} s\n'
-    print(report.splitlines()[-1])
-    if args.output:
-        with open(args.output, 'w') as f:
-            f.write(report)
+    write_report('CPU inference against peers, 224x224',
+                 f'{args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed = median of '
+                 'per-round ratios; rel err = ||logits - logits_fp32_eager|| / ||logits_fp32_eager|| over the batch',
+                 lambda: run(args), args.output)
 
 
 if __name__ == '__main__':
