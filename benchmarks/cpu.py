@@ -136,12 +136,7 @@ def run(args) -> str:
             v.times = []
             for _ in range(args.warmup):
                 v.out = v(x).float()
-        for r in range(args.repeats):
-            k = r % len(variants)
-            for v in variants[k:] + variants[:k]:
-                t0 = time.perf_counter()
-                v(x)
-                v.times.append(time.perf_counter() - t0)
+        interleaved_rounds(variants, x, args.repeats)
         by_name = {v.name: v for v in variants}
         block = [f'\n### batch {bs}\n',
                  '| model / scan backend / precision / mode | ms (median) | img/s | speed-up vs reference fp32 '
@@ -183,6 +178,17 @@ def main():
                  f'{args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed-up = median of '
                  'per-round ratios; rel err = ||logits - logits_fp32|| / ||logits_fp32|| over the batch',
                  lambda: run(args), args.output)
+
+
+def interleaved_rounds(variants, x: torch.Tensor, repeats: int) -> None:
+    """``repeats`` rounds over ``variants`` (each with a ``times`` list), each round starting one variant later, so
+    that no variant always runs first; appends each call's wall time to its variant's ``times``."""
+    for r in range(repeats):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            t0 = time.perf_counter()
+            v(x)
+            v.times.append(time.perf_counter() - t0)
 
 
 def write_report(title: str, protocol: str, body: Callable[[], str], output: Optional[str]) -> None:

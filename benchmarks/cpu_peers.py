@@ -33,7 +33,7 @@ import timm
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from cpu import realistic_init, write_report  # noqa: E402
+from cpu import interleaved_rounds, realistic_init, write_report  # noqa: E402
 import mambavision  # noqa: E402, F401  (registers the models)
 from mambavision.inference import InferenceModel, optimize_for_inference  # noqa: E402
 
@@ -101,12 +101,7 @@ def run(args) -> str:
             for _ in range(args.warmup):
                 v.out = v(x).float()
             print(f'batch {bs}: {v.name} warm-up {time.perf_counter() - t0:.1f} s', file=sys.stderr, flush=True)
-        for r in range(args.repeats):
-            k = r % len(variants)
-            for v in variants[k:] + variants[:k]:
-                t0 = time.perf_counter()
-                v(x)
-                v.times.append(time.perf_counter() - t0)
+        interleaved_rounds(variants, x, args.repeats)
         eager = {v.model_name: v for v in variants if v.kind == 'fp32 eager'}
         block = [f'\n### batch {bs}\n',
                  f'| model | path | ms (median) | img/s | speed vs {args.models[1]} same path | rel err |',
