@@ -114,15 +114,15 @@ def build_variants(args) -> List[Variant]:
 def scan_share(variant: Variant, x: torch.Tensor, calls: int = 3) -> float:
     """Fraction of the forward's CPU time spent inside the scan over ``calls`` calls, from torch.profiler.
 
-    In inference the mixers run the fused kernel of ``mambavision::mixer_ssm`` ('mixer_ssm kernel'), which
-    also does dt_proj and the concatenation: it counts as scan time.
+    In inference the mixers run the fused kernel of ``mambavision::mixer_core`` ('mixer_core kernel'), which
+    also does the convs, x_proj, dt_proj and the concatenation: it counts as scan time.
     """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             variant(x)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    scan = sum(e.cpu_time_total for e in events if e.key in ('mambavision::selective_scan', 'mixer_ssm kernel'))
+    scan = sum(e.cpu_time_total for e in events if e.key in ('mambavision::selective_scan', 'mixer_core kernel'))
     return scan / total
 
 

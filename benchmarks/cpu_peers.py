@@ -13,7 +13,7 @@ the same kind (best path against best path, eager against eager) as the median o
 ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`` (O(1)
 logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
 ``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
-training path, and the inference path before ``ops.mixer_cpu``'s fused kernels), for a before/after;
+training path, and the inference path before ``ops.mixer_cpu``'s fused kernel), for a before/after;
 ``--autotune`` adds every best path compiled with ``mode='max-autotune'`` (compared like with like).
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
@@ -53,7 +53,7 @@ def best_path(model: nn.Module, **compile_options) -> nn.Module:
 
 
 def op_path(model: nn.Module) -> nn.Module:
-    """``model`` with every mixer on the scan op's path (no fused kernels), as during training."""
+    """``model`` with every mixer on the scan op's path (no fused kernel), as during training."""
     for m in model.modules():
         if isinstance(m, mambavision.MambaVisionMixer):
             m._fused_applies = lambda x: False
@@ -131,7 +131,7 @@ def main():
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant and batch size')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--op-path', action='store_true',
-                        help="also time MambaVision's mixers on the scan op's path (before/after the fused kernels)")
+                        help="also time MambaVision's mixers on the scan op's path (before/after the fused kernel)")
     parser.add_argument('--autotune', action='store_true',
                         help="also time each best path compiled with mode='max-autotune' (inductor's C++ GEMMs)")
     parser.add_argument('--output', help='also write the markdown report to this file')

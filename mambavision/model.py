@@ -157,7 +157,7 @@ class MambaVisionMixer(nn.Module):
 
     @torch.jit.unused
     def _fused_applies(self, x: torch.Tensor) -> bool:
-        """Inference on a CPU where ``mixer_cpu``'s kernels run (not while fx/jit tracing or exporting)."""
+        """Inference on a CPU where ``mixer_cpu``'s kernel runs (not while fx/jit tracing or exporting)."""
         if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() \
                 or torch.compiler.is_exporting():
             return False
@@ -165,15 +165,14 @@ class MambaVisionMixer(nn.Module):
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` by ``mixer_cpu``'s kernels, tokens-first throughout (no gradient)."""
+        """``forward`` by ``mixer_cpu``'s kernel, tokens-first throughout (no gradient)."""
         xz = self.in_proj(x)
-        weight = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight])
+        conv_weight = torch.cat([self.conv1d_x.weight, self.conv1d_z.weight])
         if torch.is_autocast_enabled('cpu'):  # the conv weights autocast would use
-            weight = weight.to(torch.get_autocast_dtype('cpu'))
-        act = mixer_cpu.mixer_conv_silu(xz, weight)
-        proj = self.x_proj(act[..., :act.shape[-1] // 2].to(xz.dtype))
+            conv_weight = conv_weight.to(torch.get_autocast_dtype('cpu'))
         A = -torch.exp(self.A_log.float())
-        y = mixer_cpu.mixer_ssm(act, proj, self.dt_proj.weight, self.dt_proj.bias, A, self.D)
+        y = mixer_cpu.mixer_core(xz, conv_weight, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, A,
+                                 self.D)
         return self.out_proj(y.to(xz.dtype))
 
 

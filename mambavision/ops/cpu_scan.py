@@ -8,7 +8,7 @@ group, then runs the adjoint recurrence in reverse. No PyTorch headers are neede
 compiles in about a second.
 
 Build: ``$CC``, else ``cc``, ``gcc`` or ``clang`` from ``PATH``, with ``-O3 -march=native
--fopenmp``, falling back to fewer flags when the compiler refuses one (Apple's clang has
+-fopenmp`` (and fused multiply-adds), falling back to fewer flags when the compiler refuses one (Apple's clang has
 no OpenMP: the kernel then runs on one thread). The library goes to
 ``$MAMBAVISION_CACHE`` (default ``~/.cache/mambavision``), named by a hash of the source,
 compiler, flags and CPU, so a shared home directory never serves a library built for
@@ -84,7 +84,8 @@ def _build(compiler: List[str]) -> ctypes.CDLL:
             partial = target.with_name(f'.{target.name}.{os.getpid()}')
             try:
                 result = subprocess.run(
-                    [*compiler, *flags, '-std=c99', '-shared', '-fPIC', str(SOURCE), '-o', str(partial)],
+                    [*compiler, *flags, '-std=c99', '-ffp-contract=fast', '-shared', '-fPIC', str(SOURCE), '-o',
+                     str(partial)],
                     capture_output=True, text=True, timeout=120)
                 if result.returncode == 0:
                     os.replace(partial, target)
@@ -106,11 +107,12 @@ def _build(compiler: List[str]) -> ctypes.CDLL:
             *[pointer] * 7, ctypes.c_int, *[pointer] * 8, *[long] * 4, ctypes.c_int]
         library.mv_selective_scan_bwd.restype = ctypes.c_int
         library.mv_max_state.restype = ctypes.c_int
-        library.mv_mixer_conv_silu.argtypes = [pointer, ctypes.c_int, *[pointer] * 2, *[long] * 4, ctypes.c_int]
-        library.mv_mixer_conv_silu.restype = None
-        library.mv_mixer_ssm_fwd.argtypes = [
-            pointer, pointer, ctypes.c_int, long, *[pointer] * 5, *[long] * 5, ctypes.c_int]
-        library.mv_mixer_ssm_fwd.restype = None
+        library.mv_mixer_scratch.argtypes = [long] * 5
+        library.mv_mixer_scratch.restype = long
+        library.mv_mixer_fwd.argtypes = [
+            pointer, ctypes.c_int, *[pointer] * 2, ctypes.c_int, *[pointer] * 6, ctypes.c_int, *[long] * 6,
+            ctypes.c_int]
+        library.mv_mixer_fwd.restype = None
         library.mv_max_rank.restype = library.mv_max_width.restype = ctypes.c_int
         return library
     raise RuntimeError(f'{" ".join(compiler)} could not build it: {error}')

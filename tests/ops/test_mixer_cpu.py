@@ -1,4 +1,4 @@
-"""The mixer's fused CPU inference kernels (``ops.mixer_cpu``): against float64 / sequential references
+"""The mixer's fused CPU inference kernel (``ops.mixer_cpu``): against float64 / sequential references
 on odd shapes, the path the mixer takes (inference only) and its fallbacks."""
 import importlib
 
@@ -15,29 +15,25 @@ scan_module = importlib.import_module('mambavision.ops.selective_scan')
 needs_kernel = pytest.mark.skipif(cpu_scan._compiler() is None, reason='no C compiler: the kernels cannot exist')
 
 
-def _conv_silu_reference(x, weight):
-    """float64 silu(depthwise conv1d) of (B, L, C) tokens, 'same' padding."""
-    x, weight = x.double(), weight.double()
-    y = F.conv1d(x.transpose(1, 2), weight, padding=weight.shape[-1] // 2, groups=x.shape[-1])
-    return F.silu(y).transpose(1, 2)
+def _core_reference(xz, conv_weight, x_proj_weight, dt_weight, dt_bias, A, D):
+    """float64 [scan, z]: conv + silu, x_proj and dt_proj in float64, then the sequential reference scan."""
+    xz = xz.double().transpose(1, 2)
+    act = F.silu(F.conv1d(xz, conv_weight.double(), padding=conv_weight.shape[-1] // 2, groups=xz.shape[1]))
+    u, z = act.chunk(2, dim=1)
+    rank, nstate = dt_weight.shape[1], A.shape[1]
+    dt, b, c = F.linear(u.transpose(1, 2), x_proj_weight.double()).split([rank, nstate, nstate], dim=-1)
+    delta = F.linear(dt, dt_weight.double(), dt_bias.double())
+    y = selective_scan_ref(u, delta.transpose(1, 2), A.double(), b.transpose(1, 2), c.transpose(1, 2), D.double(),
+                           dt_bias.double(), True)
+    return torch.cat([y.double(), z], dim=1).transpose(1, 2)
 
 
-def _ssm_reference(act, proj, w_dt, dt_bias, A, D):
-    """[scan, z] by dt_proj in float64 and the sequential reference scan."""
-    u, z = act.double().chunk(2, dim=-1)
-    rank, nstate = w_dt.shape[1], A.shape[1]
-    dt, b, c = proj.double().split([rank, nstate, nstate], dim=-1)
-    delta = F.linear(dt, w_dt.double(), dt_bias.double())
-    y = selective_scan_ref(u.transpose(1, 2), delta.transpose(1, 2), A, b.transpose(1, 2), c.transpose(1, 2), D,
-                           dt_bias, True)
-    return torch.cat([y.transpose(1, 2).double(), z], dim=-1)
-
-
-def _ssm_inputs(batch, channels, length, rank, nstate, seed):
+def _core_inputs(batch, channels, length, rank, nstate, width=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(act=torch.randn(batch, length, 2 * channels, generator=g),
-                proj=torch.randn(batch, length, rank + 2 * nstate, generator=g),
-                w_dt=torch.randn(channels, rank, generator=g) / rank ** 0.5,
+    return dict(xz=torch.randn(batch, length, 2 * channels, generator=g),
+                conv_weight=torch.randn(2 * channels, 1, width, generator=g) / width ** 0.5,
+                x_proj_weight=torch.randn(rank + 2 * nstate, channels, generator=g) / channels ** 0.5,
+                dt_weight=torch.randn(channels, rank, generator=g) / rank ** 0.5,
                 dt_bias=torch.randn(channels, generator=g) * 0.5 - 1,
                 A=-torch.rand(channels, nstate, generator=g) * 4 - 0.05,
                 D=torch.randn(channels, generator=g))
@@ -45,61 +41,51 @@ def _ssm_inputs(batch, channels, length, rank, nstate, seed):
 
 @needs_kernel
 @pytest.mark.parametrize('channels', [1, 15, 17, 40])
-@pytest.mark.parametrize('length', [1, 2, 29])
-@pytest.mark.parametrize('width', [1, 3, 5])
-def test_conv_silu_matches_float64(channels, length, width):
-    g = torch.Generator().manual_seed(channels * 100 + length * 10 + width)
-    x, weight = torch.randn(2, length, channels, generator=g), torch.randn(channels, 1, width, generator=g)
-    y = mixer_cpu.mixer_conv_silu(x, weight)
-    assert y.dtype == torch.float32 and y.shape == x.shape
-    torch.testing.assert_close(y.double(), _conv_silu_reference(x, weight), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize('length', [1, 2, 9, 197])
+@pytest.mark.parametrize('rank,nstate,width', [(1, 1, 1), (3, 8, 3), (20, 5, 5)])
+def test_core_matches_float64_reference(channels, length, rank, nstate, width):
+    x = _core_inputs(2, channels, length, rank, nstate, width, seed=channels + length + rank)
+    y = mixer_cpu.mixer_core(**x)
+    assert y.dtype == torch.float32 and y.shape == x['xz'].shape
+    torch.testing.assert_close(y.double(), _core_reference(**x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-@pytest.mark.parametrize('channels', [1, 17, 40])
-@pytest.mark.parametrize('length', [1, 29, 197])
-@pytest.mark.parametrize('rank,nstate', [(1, 1), (3, 8), (20, 5)])
-def test_ssm_matches_sequential_reference(channels, length, rank, nstate):
-    x = _ssm_inputs(2, channels, length, rank, nstate, seed=channels + length + rank)
-    y = mixer_cpu.mixer_ssm(**x)
-    assert y.dtype == torch.float32 and y.shape == x['act'].shape
-    torch.testing.assert_close(y.double(), _ssm_reference(**x), rtol=1e-5, atol=1e-5)
-
-
-@needs_kernel
-def test_kernels_take_bf16_inputs_and_do_not_depend_on_threads():
-    x = _ssm_inputs(3, 50, 31, 4, 8, seed=1)
+def test_core_reads_and_writes_bf16_and_does_not_depend_on_threads():
+    x = _core_inputs(3, 50, 31, 4, 8, seed=1)
+    x['xz'][1, 7, 3] = float('nan')  # NaN stays NaN in bf16 (one channel, from token 6 on, and the scan after it)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = mixer_cpu.mixer_ssm(**x), mixer_cpu.mixer_conv_silu(x['act'], torch.ones(100, 1, 3))
+        one = mixer_cpu.mixer_core(**x)
         torch.set_num_threads(2)
-        two = mixer_cpu.mixer_ssm(**x), mixer_cpu.mixer_conv_silu(x['act'], torch.ones(100, 1, 3))
+        two = mixer_cpu.mixer_core(**x)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
-    half = {k: v.bfloat16() for k, v in x.items()}  # bf16 act and proj are read as they are, the rest cast
-    expected = mixer_cpu.mixer_ssm(**{k: v.float() for k, v in half.items()})
-    torch.testing.assert_close(mixer_cpu.mixer_ssm(**half), expected, rtol=0, atol=0)
-    weight = torch.randn(100, 1, 3)
-    expected = mixer_cpu.mixer_conv_silu(half['act'].float(), weight)
-    torch.testing.assert_close(mixer_cpu.mixer_conv_silu(half['act'], weight), expected, rtol=0, atol=0)
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+    half = dict(x, xz=x['xz'].bfloat16(), x_proj_weight=x['x_proj_weight'].bfloat16())
+    expected = mixer_cpu.mixer_core(**{k: v.float() for k, v in half.items()}).bfloat16()  # rounded by torch
+    y = mixer_cpu.mixer_core(**half)
+    assert y.dtype == torch.bfloat16 and y.isnan().any()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @needs_kernel
 @pytest.mark.parametrize('backend', ['torch', 'reference'])
-def test_ssm_follows_the_scan_backend_at_run_time(backend, monkeypatch):
-    x = _ssm_inputs(2, 17, 29, 3, 8, seed=3)
+def test_core_follows_the_scan_backend_at_run_time(backend, monkeypatch):
+    x = _core_inputs(2, 17, 29, 3, 8, seed=3)
     calls = []
     forward, backward = scan_module._load(backend)
     monkeypatch.setitem(scan_module._loaded, backend, (lambda *a: calls.append(1) or forward(*a), backward))
     mambavision.set_scan_backend(backend)
     try:
-        y = mixer_cpu.mixer_ssm(**x)
+        y = mixer_cpu.mixer_core(**x)
+        low = mixer_cpu.mixer_core(**dict(x, xz=x['xz'].bfloat16()))
     finally:
         mambavision.set_scan_backend(None)
-    assert calls == [1]
-    torch.testing.assert_close(y.double(), _ssm_reference(**x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1] and low.dtype == torch.bfloat16
+    assert y.is_contiguous() and low.is_contiguous()  # the strides compiled graphs assume (the fake's)
+    torch.testing.assert_close(y.double(), _core_reference(**x), rtol=1e-5, atol=1e-5)
 
 
 def _mixer(seed=0, **kwargs):
@@ -115,13 +101,13 @@ def _mixer(seed=0, **kwargs):
 @needs_kernel
 @pytest.mark.parametrize('kwargs', [dict(dim=46, d_state=5, d_conv=5, dt_rank=3), dict(dim=34)])
 def test_mixer_inference_takes_the_kernels_and_matches_the_op_path(kwargs, monkeypatch):
-    """Under no_grad the mixer runs the fused kernels (tokens-first); with gradients, the scan op as before."""
+    """Under no_grad the mixer runs the fused kernel (tokens-first); with gradients, the scan op as before."""
     mixer, x = _mixer(**kwargs), torch.randn(3, 37, kwargs['dim'])
     with torch.enable_grad():
         expected = mixer(x)  # parameters want gradients: the op path
     calls = []
-    ssm = mixer_cpu.mixer_ssm
-    monkeypatch.setattr(mixer_cpu, 'mixer_ssm', lambda *a: calls.append(1) or ssm(*a))
+    core = mixer_cpu.mixer_core
+    monkeypatch.setattr(mixer_cpu, 'mixer_core', lambda *a: calls.append(1) or core(*a))
     mambavision.set_scan_backend('reference')
     try:
         with torch.enable_grad():
@@ -145,7 +131,7 @@ def test_mixer_inference_takes_the_kernels_and_matches_the_op_path(kwargs, monke
 
 def test_without_kernels_the_mixer_runs_the_op_path(monkeypatch):
     monkeypatch.setattr(mixer_cpu, '_kernel_limits', lambda: None)
-    monkeypatch.setattr(mixer_cpu, 'mixer_ssm', None)  # would fail if called
+    monkeypatch.setattr(mixer_cpu, 'mixer_core', None)  # would fail if called
     mixer, x = _mixer(dim=34), torch.randn(2, 9, 34)
     with torch.no_grad():
         assert mixer(x).shape == x.shape

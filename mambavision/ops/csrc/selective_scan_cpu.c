@@ -229,16 +229,16 @@ int mv_selective_scan_bwd(const float *u, const float *delta, const float *A, co
 
 /* ---- The MambaVision mixer's inference path, in the tokens-first layout of its linear layers ----
  *
- * mv_mixer_conv_silu: out = silu(depthwise conv along t of x), 'same' zero padding, for x and out
- * (batch, L, channels) and the kernel w (channels, width), width odd. x is float32, or bfloat16 where
- * x_bf16 is set (as autocast's linear layers write it).
- *
- * mv_mixer_ssm_fwd: the selective scan of the mixer's SSM branch with its step-size projection, and
- * its symmetric branch passed through. act (batch, L, 2D) holds u = act[..., :D] and z = act[..., D:];
- * proj (batch, L, R + 2N), row stride ld_proj, holds the low-rank step size, B and C; w_dt (D, R) and
- * dt_bias (D,) are dt_proj's weight and bias. With delta = (w_dt . proj[:R] + dt_bias) + dt_bias (the bias
- * enters twice, as in the published mixer), the scan above runs with softplus; out (batch, L, 2D) gets
- * [y, z]. proj is float32, or bfloat16 where proj_bf16 is set. */
+ * mv_mixer_fwd computes everything between the mixer's in_proj and out_proj, in one parallel region of
+ * three phases over each sequence of xz (batch, L, 2D), the output of in_proj:
+ *   1. a = silu(depthwise conv along t), 'same' zero padding, of all 2D channels, with the kernel conv_w
+ *      (2D, width), width odd; u = a[..., :D] goes to the scratch, z = a[..., D:] to out[..., D:];
+ *   2. x_proj: proj = u . x_w^T, (L, R + 2N) = [low-rank step size, B, C], into the scratch;
+ *   3. the selective scan of u with softplus, delta = (w_dt . proj[:R] + dt_bias) + dt_bias (dt_proj, whose bias
+ *      enters twice, as in the published mixer), A (D, N) and D_skip (D,), into out[..., :D].
+ * xz and out are float32, or bfloat16 where xz_bf16 / out_bf16 are set (as autocast's linear layers write and
+ * read them); x_w (R + 2N, D) is float32 or bfloat16 (x_w_bf16); the rest is float32. Everything is computed
+ * in float32. scratch holds mv_mixer_scratch(batch, length, channels, rank, nstate) floats. */
 
 static inline vf silu_f32(vf x) { return x / (1.0f + exp_f32(-x)); }
 
@@ -248,84 +248,155 @@ typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 static inline vf load_any(const void *x, long i, int w, int bf16) {
     if (!bf16) return load((const float *)x + i, w);
     vh v = {0};
-    memcpy(&v, (const uint16_t *)x + i, sizeof(uint16_t) * (size_t)w);
+    if (w == LANES) memcpy(&v, (const uint16_t *)x + i, sizeof v); /* a constant size: one vector load */
+    else memcpy(&v, (const uint16_t *)x + i, sizeof(uint16_t) * (size_t)w);
     return (vf)(__builtin_convertvector(v, vi) << 16);
 }
 
-/* n values at element offset i of x (float32, or bfloat16 if bf16) as float32 into out. */
-static inline void read_row(const void *x, long i, long n, int bf16, float *out) {
-    if (!bf16) { memcpy(out, (const float *)x + i, sizeof(float) * (size_t)n); return; }
-    const uint16_t *h = (const uint16_t *)x + i;
-    for (long k = 0; k < n; k++) {
-        uint32_t bits = (uint32_t)h[k] << 16;
-        memcpy(out + k, &bits, sizeof(float));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+
+/* The first w values of v at element offset i of x: float32, or bfloat16 (rounded to nearest even, NaN kept)
+   if bf16. */
+static inline void store_any(void *x, long i, vf v, int w, int bf16) {
+    if (!bf16) { store((float *)x + i, v, w); return; }
+    vu bits = (vu)v, nan = (vu)(v != v);
+    vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    vh h = __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), vh);
+    if (w == LANES) memcpy((uint16_t *)x + i, &h, sizeof h);
+    else memcpy((uint16_t *)x + i, &h, sizeof(uint16_t) * (size_t)w);
+}
+
+static inline float to_f32(const void *x, long i, int bf16) {
+    if (!bf16) return ((const float *)x)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Phase 3 of mv_mixer_fwd for channels [d0, d0 + lanes) of one sequence: u (its L x D rows at d0), proj (its
+   L x ld rows), the output at element offset ys of out. */
+static void mixer_scan_group(
+        const float *u, const float *proj, const float *w_dt, const float *dt_bias, const float *A, const float *D_skip,
+        void *out, long ys, int out_bf16, long length, long channels, long ld, long rank, long nstate, long d0,
+        int lanes) {
+    long row = 2 * channels;
+    vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK], dus[CHUNK], dts[CHUNK];
+    for (long n = 0; n < nstate; n++) {
+        a_neg[n] = load_column(A, nstate, n, d0, lanes);
+        h[n] = splat(0.0f);
+    }
+    for (long r = 0; r < rank; r++) w_cols[r] = load_column(w_dt, rank, r, d0, lanes);
+    vf bias = load(dt_bias + d0, lanes), skip = load(D_skip + d0, lanes);
+    for (long t0 = 0; t0 < length; t0 += CHUNK) {
+        long steps = length - t0 < CHUNK ? length - t0 : CHUNK;
+        /* the step sizes of a chunk first: no dependence between tokens, so their latency overlaps */
+        for (long i = 0; i < steps; i++) {
+            const float *pt = proj + (t0 + i) * ld;
+            vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+            long r = 0;
+            for (; r + 4 <= rank; r += 4) {
+                a0 += w_cols[r] * pt[r];
+                a1 += w_cols[r + 1] * pt[r + 1];
+                a2 += w_cols[r + 2] * pt[r + 2];
+                a3 += w_cols[r + 3] * pt[r + 3];
+            }
+            for (; r < rank; r++) a0 += w_cols[r] * pt[r];
+            vf dt = softplus_f32((((a0 + a1) + (a2 + a3)) + bias) + bias);
+            dus[i] = dt * load(u + (t0 + i) * channels, lanes);
+            dts[i] = dt;
+        }
+        for (long i = 0; i < steps; i++) {
+            long t = t0 + i;
+            const float *bc = proj + t * ld + rank;
+            vf yt = skip * load(u + t * channels, lanes);
+            for (long n = 0; n < nstate; n++) {
+                h[n] = exp_f32(dts[i] * a_neg[n]) * h[n] + dus[i] * bc[n];
+                yt += h[n] * bc[nstate + n];
+            }
+            store_any(out, ys + t * row, yt, lanes, out_bf16);
+        }
     }
 }
 
-void mv_mixer_conv_silu(const void *x, int x_bf16, const float *w, float *out, long batch, long length,
-                        long channels, long width, int threads) {
-    long groups = (channels + LANES - 1) / LANES, half = width / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long item = 0; item < batch * groups; item++) {
-        long b = item / groups, d0 = (item % groups) * LANES;
-        int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
-        long xs = b * length * channels + d0;
-        float *os = out + b * length * channels + d0;
-        vf taps[MAX_WIDTH];
-        for (long j = 0; j < width; j++) {
-            float column[LANES] = {0};
-            for (int k = 0; k < lanes; k++) column[k] = w[(d0 + k) * width + j];
-            memcpy(&taps[j], column, sizeof(vf));
-        }
-        for (long t = 0; t < length; t++) {
-            vf acc = splat(0.0f);
+#define TOKENS 8 /* tokens per work item of the x_proj phase */
+
+static long padded(long n) { return (n + LANES - 1) / LANES * LANES; }
+
+long mv_mixer_scratch(long batch, long length, long channels, long rank, long nstate) {
+    long width = padded(rank + 2 * nstate);
+    return batch * length * channels + batch * length * width + channels * width;
+}
+
+void mv_mixer_fwd(const void *xz, int xz_bf16, const float *conv_w, const void *x_w, int x_w_bf16,
+                  const float *w_dt, const float *dt_bias, const float *A, const float *D_skip, float *scratch,
+                  void *out, int out_bf16, long batch, long length, long channels, long width, long rank,
+                  long nstate, int threads) {
+    long groups = (channels + LANES - 1) / LANES, row = 2 * channels, half = width / 2;
+    long nproj = rank + 2 * nstate, ld = padded(nproj), blocks = (length + TOKENS - 1) / TOKENS;
+    float *u_all = scratch, *proj_all = scratch + batch * length * channels;
+    float *x_wt = proj_all + batch * length * ld; /* x_w transposed, (D, ld), zero columns after nproj */
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long d = 0; d < channels; d++)
+            for (long p = 0; p < ld; p++) x_wt[d * ld + p] = p < nproj ? to_f32(x_w, p * channels + d, x_w_bf16) : 0.0f;
+        /* phase 1: conv + silu of both halves */
+#pragma omp for schedule(static)
+        for (long item = 0; item < batch * 2 * groups; item++) {
+            long b = item / (2 * groups), c0 = (item % (2 * groups)) * LANES;
+            long in_z = c0 >= groups * LANES, ch0 = in_z ? c0 - groups * LANES : c0; /* channel within its half */
+            int lanes = (int)(channels - ch0 < LANES ? channels - ch0 : LANES);
+            long xs = b * length * row + (in_z ? channels : 0) + ch0;
+            vf taps[MAX_WIDTH];
             for (long j = 0; j < width; j++) {
-                long s = t + j - half;
-                if (s >= 0 && s < length) acc += taps[j] * load_any(x, xs + s * channels, lanes, x_bf16);
+                float column[LANES] = {0};
+                for (int k = 0; k < lanes; k++) column[k] = conv_w[((in_z ? channels : 0) + ch0 + k) * width + j];
+                memcpy(&taps[j], column, sizeof(vf));
             }
-            store(os + t * channels, silu_f32(acc), lanes);
-        }
-    }
-}
-
-void mv_mixer_ssm_fwd(const float *act, const void *proj, int proj_bf16, long ld_proj, const float *w_dt,
-                      const float *dt_bias, const float *A, const float *D_skip, float *out, long batch,
-                      long length, long channels, long rank, long nstate, int threads) {
-    long groups = (channels + LANES - 1) / LANES, row = 2 * channels;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long item = 0; item < batch * groups; item++) {
-        long b = item / groups, d0 = (item % groups) * LANES;
-        int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
-        const float *u = act + b * length * row + d0;
-        float *y = out + b * length * row + d0, pt[MAX_RANK + 2 * MAX_STATE], bc[CHUNK][2 * MAX_STATE];
-        vf a_neg[MAX_STATE], h[MAX_STATE], w_cols[MAX_RANK], dts[CHUNK], dus[CHUNK];
-        for (long n = 0; n < nstate; n++) {
-            a_neg[n] = load_column(A, nstate, n, d0, lanes);
-            h[n] = splat(0.0f);
-        }
-        for (long r = 0; r < rank; r++) w_cols[r] = load_column(w_dt, rank, r, d0, lanes);
-        vf bias = load(dt_bias + d0, lanes), skip = load(D_skip + d0, lanes);
-        for (long t0 = 0; t0 < length; t0 += CHUNK) {
-            long steps = length - t0 < CHUNK ? length - t0 : CHUNK;
-            /* the step sizes of a chunk first: no dependence between tokens, so their latency overlaps */
-            for (long i = 0; i < steps; i++) {
-                read_row(proj, (b * length + t0 + i) * ld_proj, rank + 2 * nstate, proj_bf16, pt);
-                vf acc[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
-                for (long r = 0; r < rank; r++) acc[r & 3] += w_cols[r] * pt[r];
-                dts[i] = softplus_f32((((acc[0] + acc[1]) + (acc[2] + acc[3])) + bias) + bias);
-                dus[i] = dts[i] * load(u + (t0 + i) * row, lanes);
-                memcpy(bc[i], pt + rank, sizeof(float) * (size_t)(2 * nstate));
+            for (long t = 0; t < length; t++) {
+                vf acc = splat(0.0f);
+                long lo = t - half < 0 ? half - t : 0, hi = t + half >= length ? length - 1 - t + half : width - 1;
+                for (long j = lo; j <= hi; j++) acc += taps[j] * load_any(xz, xs + (t + j - half) * row, lanes, xz_bf16);
+                vf a = silu_f32(acc);
+                if (in_z) store_any(out, b * length * row + t * row + channels + ch0, a, lanes, out_bf16);
+                else store(u_all + (b * length + t) * channels + ch0, a, lanes);
             }
-            for (long i = 0; i < steps; i++) {
-                long t = t0 + i;
-                vf ut = load(u + t * row, lanes), yt = skip * ut;
-                for (long n = 0; n < nstate; n++) {
-                    h[n] = exp_f32(dts[i] * a_neg[n]) * h[n] + dus[i] * bc[i][n];
-                    yt += h[n] * bc[i][nstate + n];
+        }
+        /* phase 2: x_proj, TOKENS tokens and LANES outputs at a time */
+#pragma omp for schedule(static)
+        for (long item = 0; item < batch * blocks; item++) {
+            long b = item / blocks, t0 = (item % blocks) * TOKENS;
+            long steps = length - t0 < TOKENS ? length - t0 : TOKENS;
+            const float *u = u_all + (b * length + t0) * channels;
+            float *proj = proj_all + (b * length + t0) * ld;
+            for (long p0 = 0; p0 < ld; p0 += LANES) {
+                vf acc[TOKENS];
+                for (long i = 0; i < TOKENS; i++) acc[i] = splat(0.0f);
+                if (steps == TOKENS) {
+                    for (long d = 0; d < channels; d++) {
+                        vf w;
+                        memcpy(&w, x_wt + d * ld + p0, sizeof w);
+                        for (long i = 0; i < TOKENS; i++) acc[i] += w * u[i * channels + d];
+                    }
+                } else {
+                    for (long d = 0; d < channels; d++) {
+                        vf w;
+                        memcpy(&w, x_wt + d * ld + p0, sizeof w);
+                        for (long i = 0; i < steps; i++) acc[i] += w * u[i * channels + d];
+                    }
                 }
-                store(y + t * row, yt, lanes);
-                store(y + t * row + channels, load(u + t * row + channels, lanes), lanes);
+                for (long i = 0; i < steps; i++) memcpy(proj + i * ld + p0, &acc[i], sizeof(vf));
             }
+        }
+        /* phase 3: dt_proj and the scan */
+#pragma omp for schedule(static)
+        for (long item = 0; item < batch * groups; item++) {
+            long b = item / groups, d0 = (item % groups) * LANES;
+            int lanes = (int)(channels - d0 < LANES ? channels - d0 : LANES);
+            const float *u = u_all + b * length * channels + d0, *proj = proj_all + b * length * ld;
+            mixer_scan_group(u, proj, w_dt, dt_bias, A, D_skip, out, b * length * row + d0, out_bf16, length, channels,
+                             ld, rank, nstate, d0, lanes);
         }
     }
 }
