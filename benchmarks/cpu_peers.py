@@ -2,8 +2,9 @@
 
 Best path, the same treatment for every model: channels_last, BatchNorm folded (ours; the peers
 have none before a conv), conv/linear weights stored in bf16 and run under bf16 autocast, then
-``torch.compile`` with inductor's freezing, i.e. ``optimize_for_inference(bf16, compile=True)``
-for MambaVision and ``InferenceModel`` around the same rewrites for timm's peers. float32 eager
+``torch.compile`` with inductor's freezing and ``cpu_compile_options`` (C++ wrapper; on AMX,
+inductor's GEMM templates), i.e. ``optimize_for_inference(bf16, compile=True)`` for MambaVision
+and ``InferenceModel`` around the same rewrites for timm's peers. float32 eager
 is the model as created, under ``torch.inference_mode``.
 
 Every variant runs in this one process on the same input; variants are interleaved within each
@@ -14,7 +15,10 @@ ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`
 logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
 ``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
 training path, and the inference path before ``ops.mixer_cpu``'s fused kernel), for a before/after;
-``--autotune`` adds every best path compiled with ``mode='max-autotune'`` (compared like with like).
+``--option-menu`` adds every model's best path compiled without ``cpu_compile_options`` (the
+best path before them) and with the C++ wrapper alone, so that each model's best over the same
+menu can be read off; ``--autotune`` adds every best path compiled with ``mode='max-autotune'``.
+Each row is compared with the first peer's row of the same kind (like with like).
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
 """
@@ -24,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -60,9 +64,16 @@ def op_path(model: nn.Module) -> nn.Module:
     return model
 
 
+BEST = 'best path (bf16, compiled)'
+OPTION_MENU = {'best path, no CPU options': {}, 'best path, C++ wrapper only': {'cpp_wrapper': True}}
+
+
 class Variant:
-    def __init__(self, model_name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor]):
-        self.model_name, self.kind, self.fn = model_name, kind, fn
+    """One way of running one model; ``compare_as``: the kind of the peer's row it is compared with."""
+
+    def __init__(self, model_name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor],
+                 compare_as: Optional[str] = None):
+        self.model_name, self.kind, self.fn, self.compare_as = model_name, kind, fn, compare_as or kind
         self.times: List[float] = []
         self.out = None
 
@@ -75,23 +86,26 @@ class Variant:
             return self.fn(x)
 
 
-def build_variants(names, with_op_path: bool = False, autotune: bool = False) -> List[Variant]:
+def build_variants(names, with_op_path: bool = False, autotune: bool = False,
+                   option_menu: bool = False) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         variants.append(Variant(name, 'fp32 eager', model))
-        variants.append(Variant(name, 'best path (bf16, compiled)', best_path(copy.deepcopy(model))))
+        variants.append(Variant(name, BEST, best_path(copy.deepcopy(model))))
+        for kind, options in OPTION_MENU.items() if option_menu else ():
+            variants.append(Variant(name, kind, best_path(copy.deepcopy(model), options=options)))
         if autotune:
             variants.append(Variant(name, 'best path, max-autotune',
                                     best_path(copy.deepcopy(model), mode='max-autotune')))
         if with_op_path and isinstance(model, mambavision.MambaVision):
-            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model))))
-            variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model)))))
+            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
+            variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model))), BEST))
     return variants
 
 
 def run(args) -> str:
-    variants = build_variants(args.models, args.op_path, args.autotune)
+    variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -107,10 +121,7 @@ def run(args) -> str:
                  f'| model | path | ms (median) | img/s | speed vs {args.models[1]} same path | rel err |',
                  '|---|---|---:|---:|---:|---:|']
         for v in variants:
-            kind = 'fp32 eager' if v.kind.startswith('fp32') else 'best path (bf16, compiled)'
-            if v.kind.endswith('max-autotune'):
-                kind = v.kind
-            peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == kind)
+            peer = next(p for p in variants if p.model_name == args.models[1] and p.kind == v.compare_as)
             ratio = statistics.median(p / t for p, t in zip(peer.times, v.times))
             ref = eager[v.model_name]
             err = float((v.out - ref.out).norm() / ref.out.norm())
@@ -132,6 +143,8 @@ def main():
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--op-path', action='store_true',
                         help="also time MambaVision's mixers on the scan op's path (before/after the fused kernel)")
+    parser.add_argument('--option-menu', action='store_true',
+                        help='also time each best path without the CPU compile options and with the C++ wrapper only')
     parser.add_argument('--autotune', action='store_true',
                         help="also time each best path compiled with mode='max-autotune' (inductor's C++ GEMMs)")
     parser.add_argument('--output', help='also write the markdown report to this file')

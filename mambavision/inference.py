@@ -10,9 +10,11 @@ rounds them the same way). The model then has to run under ``torch.autocast``.
 
 ``optimize_for_inference`` does both, switches to channels_last and, optionally,
 compiles with inductor's freezing (weights become constants: oneDNN gets prepacked
-weights and fuses bias, GELU and BatchNorm into its matmuls and convs). It returns a
-module that takes ordinary float32 images, which is the fastest CPU path measured in
-``benchmarks/cpu.py``.
+weights and fuses bias, GELU and BatchNorm into its matmuls and convs). On a CPU it also
+asks inductor for its C++ wrapper and, in bf16 on a CPU with AMX, for its own GEMM
+templates (``cpu_compile_options``). It returns a module that takes ordinary float32
+images, which is the fastest CPU path measured in ``benchmarks/cpu.py`` and
+``benchmarks/cpu_peers.py``.
 """
 from typing import Optional
 
@@ -22,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import ConvBlock, MambaVision, MambaVisionMixer, Stem
 
-__all__ = ['fuse_for_inference', 'cast_for_autocast', 'optimize_for_inference', 'InferenceModel']
+__all__ = ['fuse_for_inference', 'cast_for_autocast', 'optimize_for_inference', 'InferenceModel', 'cpu_compile_options']
 
 _CONV_BN_PAIRS = {Stem: (('conv1', 'norm1'), ('conv2', 'norm2')), ConvBlock: (('conv1', 'norm1'), ('conv2', 'norm2'))}
 
@@ -58,12 +60,29 @@ def cast_for_autocast(model: MambaVision, dtype: torch.dtype = torch.bfloat16) -
     return model
 
 
+def cpu_compile_options(dtype: Optional[torch.dtype]) -> dict:
+    """Inductor options for compiling a CPU model that runs under autocast to ``dtype`` (None: float32).
+
+    The C++ wrapper calls the kernels without Python between them (``mambavision_t``, batch 1, 2 threads:
+    1.14x in bf16, 1.04x in float32). In bf16 on a CPU with AMX, the linears become inductor's AMX GEMM
+    templates (``max_autotune`` over the 'CPP' backend only), which split every matmul over all threads,
+    where oneDNN runs the 196- and 49-token matmuls of stages 3-4 on one core at batch 1 (1.3-1.45x more;
+    batch 16: no slower). In float32 those templates are slower than oneDNN's (0.68x), so they are not asked for.
+    """
+    options: dict = {'cpp_wrapper': True}
+    if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+        options.update(max_autotune=True, max_autotune_gemm_backends='CPP')
+    return options
+
+
 class InferenceModel(nn.Module):
     """Runs a prepared model without autograd, on channels_last input, under autocast to ``dtype`` (None: off).
 
     (B, C, H, W) float32 images -> what ``model`` returns, in ``dtype`` (float32 when ``dtype`` is None).
     With ``compile``, inductor compiles it with freezing on the first call and again, for that shape only
-    (``dynamic=False``), on each new input shape; ``compile_options`` go to ``torch.compile`` and win.
+    (``dynamic=False``), on each new input shape, with ``cpu_compile_options`` for a model on a CPU;
+    ``compile_options`` go to ``torch.compile`` and win (one with ``mode``, ``options`` or another ``backend``
+    replaces the CPU options).
     """
 
     def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = None, compile: bool = False,
@@ -72,8 +91,16 @@ class InferenceModel(nn.Module):
         self.model = model
         self.dtype = dtype
         self.compiled = compile
-        self._run = torch.compile(self._autocast_forward, **{'dynamic': False, **(compile_options or {})}) \
+        self._run = torch.compile(self._autocast_forward, **self._compile_options(compile_options or {})) \
             if compile else self._autocast_forward
+
+    def _compile_options(self, compile_options: dict) -> dict:
+        defaults: dict = {'dynamic': False}
+        on_cpu = next(self.model.parameters(), torch.empty(0)).device.type == 'cpu'
+        if on_cpu and not {'mode', 'options'} & set(compile_options) \
+                and compile_options.get('backend', 'inductor') == 'inductor':
+            defaults['options'] = cpu_compile_options(self.dtype)
+        return {**defaults, **compile_options}
 
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -102,14 +129,16 @@ def optimize_for_inference(
     Args:
         model: a MambaVision in eval mode; it is modified in place and wrapped.
         dtype: autocast dtype (``torch.bfloat16`` or ``torch.float16``), or None for float32.
-        compile: ``torch.compile`` with inductor's freezing; the first call compiles (about 30 s for
-            mambavision_t on 2 cores), and each new input shape compiles a graph of its own (static shapes,
+        compile: ``torch.compile`` with inductor's freezing (and ``cpu_compile_options`` on a CPU); the first call
+            compiles (about 35 s for mambavision_t in bf16 on 2 cores, autotuning its GEMMs), and each new input
+            shape compiles a graph of its own (static shapes,
             ``dynamic=False``: as fast as the first, where dynamo's automatic dynamic shapes would spend
             minutes on a slower shape-generic graph). Past ``torch._dynamo.config.recompile_limit`` shapes (8)
             further shapes run eagerly. Later changes to the weights are not seen.
         compile_options: more ``torch.compile`` arguments, which override the defaults: e.g.
             ``dict(dynamic=True)`` for one shape-generic graph when input sizes vary a lot, or
-            ``dict(mode='max-autotune')`` (on CUDA it adds CUDA graphs).
+            ``dict(mode='max-autotune')`` (on CUDA it adds CUDA graphs); ``dict(options={})`` compiles without the
+            CPU options.
 
     Returns:
         An ``InferenceModel``: call it on float32 (B, C, H, W) images, no autocast or no_grad needed.

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import mambavision  # noqa: F401
-from mambavision.inference import InferenceModel, cast_for_autocast, fuse_for_inference, optimize_for_inference
+from mambavision.inference import (
+    InferenceModel, cast_for_autocast, cpu_compile_options, fuse_for_inference, optimize_for_inference)
 
 
 def test_fuse_for_inference_matches_unfused():
@@ -93,11 +94,43 @@ def test_optimize_for_inference_compiles_with_freezing():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-    fast = optimize_for_inference(model, compile=True)
+    fast = optimize_for_inference(model, compile=True, compile_options=dict(options={}))  # no CPU options
     fast(x)
     with torch.profiler.profile() as prof:
         y = fast(x)
     assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}  # only with freezing
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
+
+
+def test_cpu_compile_options():
+    """On a CPU: inductor's C++ wrapper, and in bf16 with AMX its GEMM templates; options of one's own replace them."""
+    assert cpu_compile_options(None) == {'cpp_wrapper': True} == cpu_compile_options(torch.float16)
+    amx = dict(max_autotune=True, max_autotune_gemm_backends='CPP') if torch.cpu._is_amx_tile_supported() else {}
+    assert cpu_compile_options(torch.bfloat16) == {'cpp_wrapper': True, **amx}
+    fast = InferenceModel(nn.Conv2d(3, 4, 3), torch.bfloat16)
+    assert fast._compile_options({}) == dict(dynamic=False, options=cpu_compile_options(torch.bfloat16))
+    assert fast._compile_options(dict(dynamic=True)) == dict(dynamic=True, options=cpu_compile_options(torch.bfloat16))
+    for own in (dict(mode='max-autotune'), dict(options={'freezing': True}), dict(backend='eager')):
+        assert fast._compile_options(own) == dict(dynamic=False, **own)
+    assert InferenceModel(nn.Conv2d(3, 4, 3, device='meta'))._compile_options({}) == dict(dynamic=False)
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_compiles_with_the_cpu_options():
+    """The default compile (C++ wrapper; on AMX, inductor's GEMM templates in place of oneDNN's linears) runs and
+    gives the same logits, within bf16's 3e-2 of float32."""
+    torch._dynamo.reset()
+    model = _model_with_bn_statistics()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, compile=True)
+    fast(x)
+    with torch.profiler.profile() as prof:
+        y = fast(x)
+    linears = 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}
+    assert linears != torch.cpu._is_amx_tile_supported()
     assert y.dtype == torch.bfloat16
     assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
 
