@@ -16,6 +16,7 @@ templates (``cpu_compile_options``). It returns a module that takes ordinary flo
 images, which is the fastest CPU path measured in ``benchmarks/cpu.py`` and
 ``benchmarks/cpu_peers.py``.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import ConvBlock, MambaVision, MambaVisionMixer, Stem
+from .runtime import one_line
 
 __all__ = ['fuse_for_inference', 'cast_for_autocast', 'optimize_for_inference', 'InferenceModel', 'cpu_compile_options']
 
@@ -60,17 +62,18 @@ def cast_for_autocast(model: MambaVision, dtype: torch.dtype = torch.bfloat16) -
     return model
 
 
-def cpu_compile_options(dtype: Optional[torch.dtype]) -> dict:
+def cpu_compile_options(dtype: Optional[torch.dtype], gemm_templates: bool = True) -> dict:
     """Inductor options for compiling a CPU model that runs under autocast to ``dtype`` (None: float32).
 
     The C++ wrapper calls the kernels without Python between them (``mambavision_t``, batch 1, 2 threads:
     1.14x in bf16, 1.04x in float32). In bf16 on a CPU with AMX, the linears become inductor's AMX GEMM
     templates (``max_autotune`` over the 'CPP' backend only), which split every matmul over all threads,
     where oneDNN runs the 196- and 49-token matmuls of stages 3-4 on one core at batch 1 (1.3-1.45x more;
-    batch 16: no slower). In float32 those templates are slower than oneDNN's (0.68x), so they are not asked for.
+    batch 16: no slower). In float32 those templates are slower than oneDNN's (0.68x), so they are not asked for;
+    ``gemm_templates=False`` leaves them out too (for graphs with a matmul they cannot compile).
     """
     options: dict = {'cpp_wrapper': True}
-    if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
+    if gemm_templates and dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported():
         options.update(max_autotune=True, max_autotune_gemm_backends='CPP')
     return options
 
@@ -80,7 +83,8 @@ class InferenceModel(nn.Module):
 
     (B, C, H, W) float32 images -> what ``model`` returns, in ``dtype`` (float32 when ``dtype`` is None).
     With ``compile``, inductor compiles it with freezing on the first call and again, for that shape only
-    (``dynamic=False``), on each new input shape, with ``cpu_compile_options`` for a model on a CPU;
+    (``dynamic=False``), on each new input shape, with ``cpu_compile_options`` for a model on a CPU (where
+    inductor's GEMM templates cannot compile a graph, it warns once and compiles without them);
     ``compile_options`` go to ``torch.compile`` and win (one with ``mode``, ``options`` or another ``backend``
     replaces the CPU options).
     """
@@ -91,16 +95,24 @@ class InferenceModel(nn.Module):
         self.model = model
         self.dtype = dtype
         self.compiled = compile
-        self._run = torch.compile(self._autocast_forward, **self._compile_options(compile_options or {})) \
-            if compile else self._autocast_forward
+        self.compile_options = compile_options or {}
+        self._gemm_templates = True
+        self._run = torch.compile(self._autocast_forward, **self._compile_options()) if compile \
+            else self._autocast_forward
 
-    def _compile_options(self, compile_options: dict) -> dict:
-        defaults: dict = {'dynamic': False}
+    def _cpu_options(self) -> Optional[dict]:
+        """``cpu_compile_options`` where ours apply (a model on a CPU, inductor, no ``mode`` or ``options`` of the
+        caller's), else None."""
         on_cpu = next(self.model.parameters(), torch.empty(0)).device.type == 'cpu'
-        if on_cpu and not {'mode', 'options'} & set(compile_options) \
-                and compile_options.get('backend', 'inductor') == 'inductor':
-            defaults['options'] = cpu_compile_options(self.dtype)
-        return {**defaults, **compile_options}
+        if on_cpu and not {'mode', 'options'} & set(self.compile_options) \
+                and self.compile_options.get('backend', 'inductor') == 'inductor':
+            return cpu_compile_options(self.dtype, self._gemm_templates)
+        return None
+
+    def _compile_options(self) -> dict:
+        """``torch.compile``'s arguments: ours, then the caller's."""
+        options = self._cpu_options()
+        return {'dynamic': False, **({} if options is None else {'options': options}), **self.compile_options}
 
     def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
@@ -114,8 +126,18 @@ class InferenceModel(nn.Module):
             # dynamo reads inductor's global freezing flag when it traces, and freezes only graphs traced with
             # autograd off; torch.compile(options=dict(freezing=True)) would come too late to take effect
             import torch._inductor.config as inductor_config
+            from torch._inductor.exc import InductorError
             with inductor_config.patch(freezing=True):
-                return self._run(x)
+                try:
+                    return self._run(x)
+                except InductorError as e:
+                    if 'max_autotune_gemm_backends' not in (self._cpu_options() or {}):
+                        raise
+                    warnings.warn(f'inductor cannot compile this graph with its GEMM templates ({one_line(e)}); '
+                                  'compiling it with oneDNN\'s matmuls', stacklevel=2)
+                    self._gemm_templates = False
+                    self._run = torch.compile(self._autocast_forward, **self._compile_options())
+                    return self._run(x)
 
 
 def optimize_for_inference(

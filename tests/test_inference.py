@@ -9,7 +9,7 @@ from torch import nn
 import mambavision  # noqa: F401
 from mambavision.inference import (
     InferenceModel, cast_for_autocast, cpu_compile_options, fuse_for_inference, optimize_for_inference)
-
+from mambavision.ops import mixer_cpu
 
 def test_fuse_for_inference_matches_unfused():
     torch.manual_seed(0)
@@ -108,12 +108,17 @@ def test_cpu_compile_options():
     assert cpu_compile_options(None) == {'cpp_wrapper': True} == cpu_compile_options(torch.float16)
     amx = dict(max_autotune=True, max_autotune_gemm_backends='CPP') if torch.cpu._is_amx_tile_supported() else {}
     assert cpu_compile_options(torch.bfloat16) == {'cpp_wrapper': True, **amx}
-    fast = InferenceModel(nn.Conv2d(3, 4, 3), torch.bfloat16)
-    assert fast._compile_options({}) == dict(dynamic=False, options=cpu_compile_options(torch.bfloat16))
-    assert fast._compile_options(dict(dynamic=True)) == dict(dynamic=True, options=cpu_compile_options(torch.bfloat16))
+    assert cpu_compile_options(torch.bfloat16, gemm_templates=False) == {'cpp_wrapper': True}
+
+    def options(compile_options=None, device='cpu'):
+        return InferenceModel(nn.Conv2d(3, 4, 3, device=device), torch.bfloat16,
+                              compile_options=compile_options)._compile_options()
+
+    assert options() == dict(dynamic=False, options=cpu_compile_options(torch.bfloat16))
+    assert options(dict(dynamic=True)) == dict(dynamic=True, options=cpu_compile_options(torch.bfloat16))
     for own in (dict(mode='max-autotune'), dict(options={'freezing': True}), dict(backend='eager')):
-        assert fast._compile_options(own) == dict(dynamic=False, **own)
-    assert InferenceModel(nn.Conv2d(3, 4, 3, device='meta'))._compile_options({}) == dict(dynamic=False)
+        assert options(own) == dict(dynamic=False, **own)
+    assert options(device='meta') == dict(dynamic=False)
 
 
 @pytest.mark.slow
@@ -132,6 +137,24 @@ def test_optimize_for_inference_compiles_with_the_cpu_options():
     linears = 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}
     assert linears != torch.cpu._is_amx_tile_supported()
     assert y.dtype == torch.bfloat16
+    assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason='the GEMM templates are asked for only with AMX')
+def test_a_graph_the_gemm_templates_cannot_compile_is_compiled_without_them(monkeypatch):
+    """The mixers' op path (here: as without a C compiler) has matmuls inductor's templates do not take: one
+    warning, then the graph compiles with oneDNN's matmuls and gives the same logits."""
+    torch._dynamo.reset()
+    model = _model_with_bn_statistics()
+    monkeypatch.setattr(mixer_cpu, '_kernel_limits', lambda: None)  # no fused mixer kernel: the op path
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    fast = optimize_for_inference(model, compile=True)
+    with pytest.warns(UserWarning, match='cannot compile this graph with its GEMM templates'):
+        y = fast(x)
+    assert fast._cpu_options() == {'cpp_wrapper': True}
     assert ((y.float() - expected).norm() / expected.norm()).item() < 3e-2
 
 
