@@ -16,6 +16,7 @@ templates (``cpu_compile_options``). It returns a module that takes ordinary flo
 images, which is the fastest CPU path measured in ``benchmarks/cpu.py`` and
 ``benchmarks/cpu_peers.py``.
 """
+import types
 import warnings
 from typing import Optional
 
@@ -97,8 +98,15 @@ class InferenceModel(nn.Module):
         self.compiled = compile
         self.compile_options = compile_options or {}
         self._gemm_templates = True
-        self._run = torch.compile(self._autocast_forward, **self._compile_options()) if compile \
+        self._run = torch.compile(self._own_forward(), **self._compile_options()) if compile \
             else self._autocast_forward
+
+    def _own_forward(self):
+        """``_autocast_forward`` bound to this model with a code object of its own: dynamo keeps its compiled
+        graphs per code object, so each InferenceModel gets its own cache and its own ``recompile_limit``
+        rather than sharing them with every other InferenceModel in the process."""
+        fn = InferenceModel._autocast_forward
+        return types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__), self)
 
     def _cpu_options(self) -> Optional[dict]:
         """``cpu_compile_options`` where ours apply (a model on a CPU, inductor, no ``mode`` or ``options`` of the
@@ -136,7 +144,7 @@ class InferenceModel(nn.Module):
                     warnings.warn(f'inductor cannot compile this graph with its GEMM templates ({one_line(e)}); '
                                   'compiling it with oneDNN\'s matmuls', stacklevel=2)
                     self._gemm_templates = False
-                    self._run = torch.compile(self._autocast_forward, **self._compile_options())
+                    self._run = torch.compile(self._own_forward(), **self._compile_options())
                     return self._run(x)
 
 
@@ -155,8 +163,8 @@ def optimize_for_inference(
             compiles (about 35 s for mambavision_t in bf16 on 2 cores, autotuning its GEMMs), and each new input
             shape compiles a graph of its own (static shapes,
             ``dynamic=False``: as fast as the first, where dynamo's automatic dynamic shapes would spend
-            minutes on a slower shape-generic graph). Past ``torch._dynamo.config.recompile_limit`` shapes (8)
-            further shapes run eagerly. Later changes to the weights are not seen.
+            minutes on a slower shape-generic graph). Past ``torch._dynamo.config.recompile_limit`` shapes (8, counted
+            per optimized model) its further shapes run eagerly. Later changes to the weights are not seen.
         compile_options: more ``torch.compile`` arguments, which override the defaults: e.g.
             ``dict(dynamic=True)`` for one shape-generic graph when input sizes vary a lot, or
             ``dict(mode='max-autotune')`` (on CUDA it adds CUDA graphs); ``dict(options={})`` compiles without the

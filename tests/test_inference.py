@@ -189,6 +189,21 @@ def test_the_recorder_sees_dynamic_shapes():
     assert graphs == [False, True]
 
 
+def test_each_compiled_model_has_its_own_graphs_and_recompile_limit(monkeypatch):
+    """dynamo keeps graphs per code object: InferenceModels sharing one would share dynamo's recompile_limit too,
+    and past it (8 graphs for all models of a process) every further model or shape would silently run eagerly."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 2)
+    counters.clear()
+    models = [InferenceModel(nn.Conv2d(3, 4, 3), compile=True, compile_options=dict(backend='eager'))
+              for _ in range(3)]
+    for model in models:
+        for size in (8, 9):
+            model(torch.randn(1, 3, size, 8))
+    assert counters['stats']['unique_graphs'] == 6
+
+
 @pytest.mark.slow
 def test_two_compiled_models_give_their_own_outputs():
     """Freezing bakes each model's weights into its graph: a second model of the same architecture must not
