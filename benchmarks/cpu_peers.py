@@ -18,7 +18,9 @@ training path, and the inference path before ``ops.mixer_cpu``'s fused kernel), 
 ``--option-menu`` adds every model's best path compiled without ``cpu_compile_options`` (the
 best path before them) and with the C++ wrapper alone, so that each model's best over the same
 menu can be read off; ``--autotune`` adds every best path compiled with ``mode='max-autotune'``.
-Each row is compared with the first peer's row of the same kind (like with like).
+Each row is compared with the first peer's row of the same kind (like with like). ``--eager-only``
+times the float32 eager paths alone: in a process that also holds the compiled variants, the
+eager rows come out slower and less repeatable (seen, not explained).
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
 """
@@ -87,11 +89,15 @@ class Variant:
 
 
 def build_variants(names, with_op_path: bool = False, autotune: bool = False,
-                   option_menu: bool = False) -> List[Variant]:
+                   option_menu: bool = False, eager_only: bool = False) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         variants.append(Variant(name, 'fp32 eager', model))
+        if eager_only:
+            if with_op_path and isinstance(model, mambavision.MambaVision):
+                variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
+            continue
         variants.append(Variant(name, BEST, best_path(copy.deepcopy(model))))
         for kind, options in OPTION_MENU.items() if option_menu else ():
             variants.append(Variant(name, kind, best_path(copy.deepcopy(model), options=options)))
@@ -105,7 +111,7 @@ def build_variants(names, with_op_path: bool = False, autotune: bool = False,
 
 
 def run(args) -> str:
-    variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu)
+    variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu, args.eager_only)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -145,6 +151,8 @@ def main():
                         help="also time MambaVision's mixers on the scan op's path (before/after the fused kernel)")
     parser.add_argument('--option-menu', action='store_true',
                         help='also time each best path without the CPU compile options and with the C++ wrapper only')
+    parser.add_argument('--eager-only', action='store_true',
+                        help='time the float32 eager paths alone, in a process without compiled models')
     parser.add_argument('--autotune', action='store_true',
                         help="also time each best path compiled with mode='max-autotune' (inductor's C++ GEMMs)")
     parser.add_argument('--output', help='also write the markdown report to this file')
