@@ -22,7 +22,7 @@ Each row is compared with the first peer's row of the same kind (like with like)
 times the float32 eager paths alone: in a process that also holds the compiled variants, the
 eager rows come out slower and less repeatable (seen, not explained).
 
-    python benchmarks/cpu_peers.py --output peers.md     # about 10 min on 2 idle cores (6 compilations)
+    python benchmarks/cpu_peers.py --output peers.md     # about 10-15 min on 2 idle cores (6 compilations)
 """
 import argparse
 import copy
@@ -93,10 +93,11 @@ def build_variants(names, with_op_path: bool = False, autotune: bool = False,
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
+        ours_op_path = with_op_path and isinstance(model, mambavision.MambaVision)
         variants.append(Variant(name, 'fp32 eager', model))
+        if ours_op_path:
+            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
         if eager_only:
-            if with_op_path and isinstance(model, mambavision.MambaVision):
-                variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
             continue
         variants.append(Variant(name, BEST, best_path(copy.deepcopy(model))))
         for kind, options in OPTION_MENU.items() if option_menu else ():
@@ -104,8 +105,7 @@ def build_variants(names, with_op_path: bool = False, autotune: bool = False,
         if autotune:
             variants.append(Variant(name, 'best path, max-autotune',
                                     best_path(copy.deepcopy(model), mode='max-autotune')))
-        if with_op_path and isinstance(model, mambavision.MambaVision):
-            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
+        if ours_op_path:
             variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model))), BEST))
     return variants
 
