@@ -11,6 +11,7 @@ from mambavision.inference import (
     InferenceModel, cast_for_autocast, cpu_compile_options, fuse_for_inference, optimize_for_inference)
 from mambavision.ops import mixer_cpu
 
+
 def test_fuse_for_inference_matches_unfused():
     torch.manual_seed(0)
     model = timm.create_model('test_mambavision', layer_scale_conv=0.5).eval()

@@ -673,12 +673,13 @@ def _loop(step_module, model, optimizer, scaler, loader, lrs, config, device, ra
                 if best is None or metrics[best_key] > best[best_key]:
                     best = dict(metrics, iteration=done)
                     save_checkpoint(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics)),
-                          os.path.join(config.output, 'best.pth'))
+                                    os.path.join(config.output, 'best.pth'))
         if rank == 0 and (done % checkpoint_every == 0 or done == iters):
             save_checkpoint(dict(state_dict=model.state_dict(), meta=_meta(model, config, done, metrics or {}),
-                       optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
-                       iteration=done, best=best, config=dataclasses.asdict(config)),
-                  os.path.join(config.output, 'last.pth'))
+                                 optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict() if scaler is not None else None,
+                                 iteration=done, best=best, config=dataclasses.asdict(config)),
+                            os.path.join(config.output, 'last.pth'))
         if world > 1 and metrics is not None:
             best = _broadcast(best)
     bar.close()

@@ -45,6 +45,16 @@ def applies(x: torch.Tensor, d_conv: int, dt_rank: int, d_state: int, *params: t
         and d_state <= limits[2]
 
 
+def _float32_or_bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous, in float32 unless it is bf16 (which the kernel reads as it is)."""
+    return (x if x.dtype == torch.bfloat16 else x.float()).contiguous()
+
+
+def _out_dtype(xz: torch.Tensor) -> torch.dtype:
+    """``mixer_core``'s output dtype: bf16 for bf16 ``xz`` (what autocast's out_proj reads), else float32."""
+    return torch.bfloat16 if xz.dtype == torch.bfloat16 else torch.float32
+
+
 def _reference(xz, conv_weight, x_proj_weight, dt_weight, dt_bias, A, D, backend: str) -> torch.Tensor:
     """``mixer_core`` by PyTorch ops and ``backend``'s scan, float32 (B, L, 2D), contiguous as the kernel's."""
     xz, conv_weight = xz.float(), conv_weight.float()
@@ -68,15 +78,11 @@ def mixer_core(xz: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch
     dt_bias (D,), whose bias enters twice (again as the scan's delta bias); A (D, N), D (D,).
     Returns (B, L, 2D) in bf16 for bf16 ``xz``, else float32.
     """
-    out_dtype = torch.bfloat16 if xz.dtype == torch.bfloat16 else torch.float32
+    out_dtype = _out_dtype(xz)
     backend = resolve_scan_backend('cpu')
     if backend != 'cpu_kernel':
         return _reference(xz, conv_weight, x_proj_weight, dt_weight, dt_bias, A, D, backend).to(out_dtype)
-    if xz.dtype != torch.bfloat16:
-        xz = xz.float()
-    if x_proj_weight.dtype != torch.bfloat16:
-        x_proj_weight = x_proj_weight.float()
-    xz, x_proj_weight = xz.contiguous(), x_proj_weight.contiguous()
+    xz, x_proj_weight = _float32_or_bf16(xz), _float32_or_bf16(x_proj_weight)
     conv_weight, dt_weight, dt_bias, A, D = (
         t.float().contiguous() for t in (conv_weight, dt_weight, dt_bias, A, D))
     batch, length, channels = xz.shape[0], xz.shape[1], xz.shape[2] // 2
@@ -95,7 +101,7 @@ def mixer_core(xz: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch
 
 @mixer_core.register_fake
 def _core_fake(xz, conv_weight, x_proj_weight, dt_weight, dt_bias, A, D):
-    return xz.new_empty(xz.shape, dtype=torch.bfloat16 if xz.dtype == torch.bfloat16 else torch.float32)
+    return xz.new_empty(xz.shape, dtype=_out_dtype(xz))
 
 
 def _profiled(name: str):

@@ -323,6 +323,18 @@ static void mixer_scan_group(
 
 static long padded(long n) { return (n + LANES - 1) / LANES * LANES; }
 
+/* acc[i] = the LANES outputs of x_proj at x_wt's columns for token i of u (rows of channels floats), i < steps.
+   Always inlined: a constant steps unrolls the token loop. */
+static inline __attribute__((always_inline)) void project_tokens(const float *u, const float *x_wt, vf *acc,
+                                                                 long channels, long ld, long steps) {
+    for (long i = 0; i < steps; i++) acc[i] = splat(0.0f);
+    for (long d = 0; d < channels; d++) {
+        vf w;
+        memcpy(&w, x_wt + d * ld, sizeof w);
+        for (long i = 0; i < steps; i++) acc[i] += w * u[i * channels + d];
+    }
+}
+
 long mv_mixer_scratch(long batch, long length, long channels, long rank, long nstate) {
     long width = padded(rank + 2 * nstate);
     return batch * length * channels + batch * length * width + channels * width;
@@ -340,24 +352,23 @@ void mv_mixer_fwd(const void *xz, int xz_bf16, const float *conv_w, const void *
     {
 #pragma omp for schedule(static)
         for (long d = 0; d < channels; d++)
-            for (long p = 0; p < ld; p++) x_wt[d * ld + p] = p < nproj ? to_f32(x_w, p * channels + d, x_w_bf16) : 0.0f;
+            for (long p = 0; p < ld; p++)
+                x_wt[d * ld + p] = p < nproj ? to_f32(x_w, p * channels + d, x_w_bf16) : 0.0f;
         /* phase 1: conv + silu of both halves */
 #pragma omp for schedule(static)
         for (long item = 0; item < batch * 2 * groups; item++) {
             long b = item / (2 * groups), c0 = (item % (2 * groups)) * LANES;
             long in_z = c0 >= groups * LANES, ch0 = in_z ? c0 - groups * LANES : c0; /* channel within its half */
+            long c = (in_z ? channels : 0) + ch0; /* channel of xz and conv_w */
             int lanes = (int)(channels - ch0 < LANES ? channels - ch0 : LANES);
-            long xs = b * length * row + (in_z ? channels : 0) + ch0;
+            long xs = b * length * row + c;
             vf taps[MAX_WIDTH];
-            for (long j = 0; j < width; j++) {
-                float column[LANES] = {0};
-                for (int k = 0; k < lanes; k++) column[k] = conv_w[((in_z ? channels : 0) + ch0 + k) * width + j];
-                memcpy(&taps[j], column, sizeof(vf));
-            }
+            for (long j = 0; j < width; j++) taps[j] = load_column(conv_w, width, j, c, lanes);
             for (long t = 0; t < length; t++) {
                 vf acc = splat(0.0f);
                 long lo = t - half < 0 ? half - t : 0, hi = t + half >= length ? length - 1 - t + half : width - 1;
-                for (long j = lo; j <= hi; j++) acc += taps[j] * load_any(xz, xs + (t + j - half) * row, lanes, xz_bf16);
+                for (long j = lo; j <= hi; j++)
+                    acc += taps[j] * load_any(xz, xs + (t + j - half) * row, lanes, xz_bf16);
                 vf a = silu_f32(acc);
                 if (in_z) store_any(out, b * length * row + t * row + channels + ch0, a, lanes, out_bf16);
                 else store(u_all + (b * length + t) * channels + ch0, a, lanes);
@@ -372,20 +383,8 @@ void mv_mixer_fwd(const void *xz, int xz_bf16, const float *conv_w, const void *
             float *proj = proj_all + (b * length + t0) * ld;
             for (long p0 = 0; p0 < ld; p0 += LANES) {
                 vf acc[TOKENS];
-                for (long i = 0; i < TOKENS; i++) acc[i] = splat(0.0f);
-                if (steps == TOKENS) {
-                    for (long d = 0; d < channels; d++) {
-                        vf w;
-                        memcpy(&w, x_wt + d * ld + p0, sizeof w);
-                        for (long i = 0; i < TOKENS; i++) acc[i] += w * u[i * channels + d];
-                    }
-                } else {
-                    for (long d = 0; d < channels; d++) {
-                        vf w;
-                        memcpy(&w, x_wt + d * ld + p0, sizeof w);
-                        for (long i = 0; i < steps; i++) acc[i] += w * u[i * channels + d];
-                    }
-                }
+                if (steps == TOKENS) project_tokens(u, x_wt + p0, acc, channels, ld, TOKENS); /* unrolled */
+                else project_tokens(u, x_wt + p0, acc, channels, ld, steps);
                 for (long i = 0; i < steps; i++) memcpy(proj + i * ld + p0, &acc[i], sizeof(vf));
             }
         }
