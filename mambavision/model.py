@@ -238,7 +238,7 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     B, H, W, C = x.shape
     w = window_size
     x = x.reshape(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, w * w, C)
+    return x.reshape(-1, w * w, C).contiguous()  # a view when there is one window: the blocks want tokens-first
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
