@@ -313,7 +313,7 @@ class MambaVisionStage(nn.Module):
         x = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad_b, W + pad_r
         x = window_reverse(self._run_blocks(window_partition(x, w)), w, Hp, Wp)
-        return x[:, :H, :W].permute(0, 3, 1, 2)
+        return x[:, :H, :W].permute(0, 3, 1, 2).contiguous()  # as the next conv and a caller expect: (B, C, H, W)
 
 
 def _accept_published_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -170,6 +170,21 @@ def test_channels_last_input():
         assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), model(x), atol=1e-5)
 
 
+@pytest.mark.parametrize('size', [(28, 28), (45, 61)])  # one window per stage (batch 1), then several
+def test_memory_layouts_between_stages(size):
+    """Windowed blocks get tokens-first memory and stages hand on (B, C, H, W)-contiguous maps, whatever the count
+    of windows: a one-window view in channels-first order made every LayerNorm copy and the next conv reorder its
+    weights (CPU, float32 eager at batch 1)."""
+    model = _model()
+    block_inputs = []
+    for stage in model.stages[2:]:
+        stage.blocks[0].register_forward_pre_hook(lambda m, args: block_inputs.append(args[0]))
+    with torch.no_grad():
+        stages = model.forward_intermediates(_image(1, 3, *size), intermediates_only=True)
+    assert len(block_inputs) == 2 and all(x.is_contiguous() for x in block_inputs)
+    assert all(s.is_contiguous() for s in stages)
+
+
 @pytest.mark.parametrize('in_chans', [1, 4])
 def test_other_input_channels(in_chans):
     model = _model(in_chans=in_chans)
