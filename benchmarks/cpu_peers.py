@@ -20,7 +20,10 @@ best path before them) and with the C++ wrapper alone, so that each model's best
 menu can be read off; ``--autotune`` adds every best path compiled with ``mode='max-autotune'``.
 Each row is compared with the first peer's row of the same kind (like with like). ``--eager-only``
 times the float32 eager paths alone: in a process that also holds the compiled variants, the
-eager rows come out slower and less repeatable (seen, not explained).
+eager rows come out slower and less repeatable (seen, not explained). ``--copies K`` builds every
+variant K times over (separate weights in memory) and times the K copies back to back in each
+round: on the 2-core machine of the README, identical copies of one model differed by up to 8% at
+batch 1 (where their weights landed in memory), so one copy per model can decide a 5% comparison.
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10-15 min on 2 idle cores (6 compilations)
 """
@@ -73,10 +76,10 @@ OPTION_MENU = {'best path, no CPU options': {}, 'best path, C++ wrapper only': {
 class Variant:
     """One way of running one model; ``compare_as``: the kind of the peer's row it is compared with."""
 
-    def __init__(self, model_name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, model_name: str, kind: str, fns: List[Callable[[torch.Tensor], torch.Tensor]],
                  compare_as: Optional[str] = None):
-        self.model_name, self.kind, self.fn, self.compare_as = model_name, kind, fn, compare_as or kind
-        self.times: List[float] = []
+        self.model_name, self.kind, self.fns, self.compare_as = model_name, kind, fns, compare_as or kind
+        self.times: List[float] = []  # per round: all copies, back to back
         self.out = None
 
     @property
@@ -84,34 +87,40 @@ class Variant:
         return f'{self.model_name} {self.kind}'
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Every copy once on ``x``; the first copy's output."""
         with torch.inference_mode():
-            return self.fn(x)
+            return [fn(x) for fn in self.fns][0]
 
 
 def build_variants(names, with_op_path: bool = False, autotune: bool = False,
-                   option_menu: bool = False, eager_only: bool = False) -> List[Variant]:
+                   option_menu: bool = False, eager_only: bool = False, copies: int = 1) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         ours_op_path = with_op_path and isinstance(model, mambavision.MambaVision)
-        variants.append(Variant(name, 'fp32 eager', model))
+
+        def add(kind: str, make: Callable[[nn.Module], nn.Module], compare_as: Optional[str] = None):
+            fns = [make(copy.deepcopy(model)) for _ in range(copies)]
+            variants.append(Variant(name, kind, fns, compare_as))
+
+        add('fp32 eager', lambda m: m)
         if ours_op_path:
-            variants.append(Variant(name, 'fp32 eager, op path', op_path(copy.deepcopy(model)), 'fp32 eager'))
+            add('fp32 eager, op path', op_path, 'fp32 eager')
         if eager_only:
             continue
-        variants.append(Variant(name, BEST, best_path(copy.deepcopy(model))))
+        add(BEST, best_path)
         for kind, options in OPTION_MENU.items() if option_menu else ():
-            variants.append(Variant(name, kind, best_path(copy.deepcopy(model), options=options)))
+            add(kind, lambda m, options=options: best_path(m, options=options))
         if autotune:
-            variants.append(Variant(name, 'best path, max-autotune',
-                                    best_path(copy.deepcopy(model), mode='max-autotune')))
+            add('best path, max-autotune', lambda m: best_path(m, mode='max-autotune'))
         if ours_op_path:
-            variants.append(Variant(name, 'best path, op path', best_path(op_path(copy.deepcopy(model))), BEST))
+            add('best path, op path', lambda m: best_path(op_path(m)), BEST)
     return variants
 
 
 def run(args) -> str:
-    variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu, args.eager_only)
+    variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu, args.eager_only,
+                              args.copies)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -131,7 +140,7 @@ def run(args) -> str:
             ratio = statistics.median(p / t for p, t in zip(peer.times, v.times))
             ref = eager[v.model_name]
             err = float((v.out - ref.out).norm() / ref.out.norm())
-            med = statistics.median(v.times)
+            med = statistics.median(v.times) / args.copies
             block.append(f'| {v.model_name} | {v.kind} | {med * 1e3:.1f} | {bs / med:.1f} | {ratio:.2f}x | '
                          f'{"-" if ref is v else f"{err:.1e}"} |')
         print('\n'.join(block), flush=True)
@@ -146,6 +155,8 @@ def main():
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 16])
     parser.add_argument('--repeats', type=int, default=15, help='timed rounds (median over them)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls per variant and batch size')
+    parser.add_argument('--copies', type=int, default=1,
+                        help='independent copies of every variant, timed back to back in each round (ms per copy)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--op-path', action='store_true',
                         help="also time MambaVision's mixers on the scan op's path (before/after the fused kernel)")
@@ -161,8 +172,11 @@ def main():
         parser.error('--models needs at least two names (the second is the comparison)')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.copies < 1:
+        parser.error(f'--copies must be at least 1, got {args.copies}')
     write_report('CPU inference against peers, 224x224',
-                 f'{args.warmup} warm-up call(s), then {args.repeats} interleaved rounds; speed = median of '
+                 f'{args.warmup} warm-up call(s), then {args.repeats} interleaved rounds of {args.copies} '
+                 'copy/copies of each variant; speed = median of '
                  'per-round ratios; rel err = ||logits - logits_fp32_eager|| / ||logits_fp32_eager|| over the batch',
                  lambda: run(args), args.output)
 
