@@ -15,7 +15,9 @@ ratios, which cancels load drifting over the run. Weights: ``cpu.realistic_init`
 logits); ``rel err`` is the relative L2 distance of the logits to the model's float32 eager run.
 ``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
 training path, and the inference path before ``ops.mixer_cpu``'s fused kernel), for a before/after;
-``--option-menu`` adds every model's best path compiled without ``cpu_compile_options`` (the
+``--channels-last`` adds every model in float32 eager with its weights and input in channels_last
+(timm's ``--channels-last``, a user's one-line change); ``--option-menu`` adds every model's best
+path compiled without ``cpu_compile_options`` (the
 best path before them) and with the C++ wrapper alone, so that each model's best over the same
 menu can be read off; ``--autotune`` adds every best path compiled with ``mode='max-autotune'``.
 Each row is compared with the first peer's row of the same kind (like with like). ``--eager-only``
@@ -33,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +61,12 @@ def best_path(model: nn.Module, **compile_options) -> nn.Module:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.to(torch.bfloat16)
     return InferenceModel(model, torch.bfloat16, compile=True, compile_options=compile_options)
+
+
+def channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` with its weights in channels_last, called on channels_last input."""
+    model = model.to(memory_format=torch.channels_last)
+    return lambda x: model(x.contiguous(memory_format=torch.channels_last))
 
 
 def op_path(model: nn.Module) -> nn.Module:
@@ -93,34 +101,34 @@ class Variant:
 
 
 def build_variants(names, with_op_path: bool = False, autotune: bool = False,
-                   option_menu: bool = False, eager_only: bool = False, copies: int = 1) -> List[Variant]:
+                   option_menu: bool = False, eager_only: bool = False, copies: int = 1,
+                   with_channels_last: bool = False) -> List[Variant]:
     variants = []
     for name in names:
         model = realistic_init(timm.create_model(name))
         ours_op_path = with_op_path and isinstance(model, mambavision.MambaVision)
-
-        def add(kind: str, make: Callable[[nn.Module], nn.Module], compare_as: Optional[str] = None):
-            fns = [make(copy.deepcopy(model)) for _ in range(copies)]
-            variants.append(Variant(name, kind, fns, compare_as))
-
-        add('fp32 eager', lambda m: m)
+        # (kind, how to make one copy from the model, the kind of the peer's row it is compared with)
+        specs: List[Tuple[str, Callable[[nn.Module], Callable], Optional[str]]] = [('fp32 eager', lambda m: m, None)]
+        if with_channels_last:
+            specs.append(('fp32 eager, channels_last', channels_last, None))
         if ours_op_path:
-            add('fp32 eager, op path', op_path, 'fp32 eager')
-        if eager_only:
-            continue
-        add(BEST, best_path)
-        for kind, options in OPTION_MENU.items() if option_menu else ():
-            add(kind, lambda m, options=options: best_path(m, options=options))
-        if autotune:
-            add('best path, max-autotune', lambda m: best_path(m, mode='max-autotune'))
-        if ours_op_path:
-            add('best path, op path', lambda m: best_path(op_path(m)), BEST)
+            specs.append(('fp32 eager, op path', op_path, 'fp32 eager'))
+        if not eager_only:
+            specs.append((BEST, best_path, None))
+            for kind, options in OPTION_MENU.items() if option_menu else ():
+                specs.append((kind, lambda m, options=options: best_path(m, options=options), None))
+            if autotune:
+                specs.append(('best path, max-autotune', lambda m: best_path(m, mode='max-autotune'), None))
+            if ours_op_path:
+                specs.append(('best path, op path', lambda m: best_path(op_path(m)), BEST))
+        variants += [Variant(name, kind, [make(copy.deepcopy(model)) for _ in range(copies)], compare_as)
+                     for kind, make, compare_as in specs]
     return variants
 
 
 def run(args) -> str:
     variants = build_variants(args.models, args.op_path, args.autotune, args.option_menu, args.eager_only,
-                              args.copies)
+                              args.copies, args.channels_last)
     lines = []
     for bs in args.batch_sizes:
         x = torch.randn(bs, 3, 224, 224, generator=torch.Generator().manual_seed(bs))
@@ -162,6 +170,8 @@ def main():
                         help="also time MambaVision's mixers on the scan op's path (before/after the fused kernel)")
     parser.add_argument('--option-menu', action='store_true',
                         help='also time each best path without the CPU compile options and with the C++ wrapper only')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='also time each model in float32 eager with channels_last weights and input')
     parser.add_argument('--eager-only', action='store_true',
                         help='time the float32 eager paths alone, in a process without compiled models')
     parser.add_argument('--autotune', action='store_true',
