@@ -21,6 +21,9 @@ GRAD_ABS_FLOOR = 1e-5  # gradients zero in exact arithmetic (conv biases before 
 # which moves the stage losses by up to ~2e-4 and some head gradients by a few percent. mmdet itself, run
 # on our backbone (cascade_tiny_train_ours, made by make_cascade_tiny_train_ours.py), gives our numbers.
 TIED_STAGE_LOSS_REL_TOL = 5e-4
+# a stage's ``acc`` is 100 x correct / sampled proposals (about 2000 here): a proposal more or less among the
+# tied ones moves it by 5e-4 relative; up to three
+TIED_STAGE_ACC_REL_TOL = 1.5e-3
 TIED_GRAD_REL_TOL = 0.1
 ALL_CANDIDATES = {'rpn': {'sampler': {'num': 10 ** 6}}, 'rcnn': [{'sampler': {'num': 10 ** 6}}] * 3}
 
@@ -138,7 +141,8 @@ def test_losses_match_the_published_fixture(train_step):
     losses, _, golden, _, _ = train_step
     for name, value in losses.items():
         tied = name.endswith(('loss_cls', 'loss_bbox')) and name.startswith('s')
-        tolerance = TIED_STAGE_LOSS_REL_TOL if tied else LOSS_REL_TOL
+        tolerance = TIED_STAGE_ACC_REL_TOL if name.startswith('s') and name.endswith('.acc') \
+            else TIED_STAGE_LOSS_REL_TOL if tied else LOSS_REL_TOL
         expected = golden[f'loss.{name}'].item()
         assert abs(value.item() - expected) <= tolerance * abs(expected) + 1e-9, name
     assert relative_error(total_loss(losses), golden['loss_total']) <= LOSS_REL_TOL
