@@ -42,8 +42,8 @@ from ..train import save_checkpoint  # atomic: a temporary file, flushed, rename
 
 __all__ = [
     'DenseTrainConfig', 'train_dense', 'recipe', 'poly_schedule', 'step_schedule', 'optimizer_param_groups',
-    'SyncBatchNorm2d', 'convert_sync_batchnorm', 'StreamSampler', 'EpochKeyed', 'evaluate_segmentation',
-    'evaluate_detection', 'train_segmenter', 'train_detector',
+    'SyncBatchNorm2d', 'convert_sync_batchnorm', 'StreamSampler', 'train_sampler', 'EpochKeyed',
+    'evaluate_segmentation', 'evaluate_detection', 'train_segmenter', 'train_detector',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -232,14 +232,23 @@ class StreamSampler(torch.utils.data.Sampler):
     The data is an endless stream of permutations (one per epoch, from ``(seed, epoch)``); iteration ``s``
     takes stream positions ``s * total_batch ...``, in ``accumulation`` micro-batches of
     ``batch_size * world`` images, of which rank ``r`` takes the ``r``-th ``batch_size``.
+
+    With ``groups`` (a group id per dataset index, e.g. ``DetectionDataset.aspect_groups()``), each iteration's
+    images are first ordered by group (stably), so that a micro-batch holds images of one group, except at most
+    one per iteration and group boundary: the grouping of mmdet's ``AspectRatioBatchSampler``, which keeps
+    portrait and landscape images apart so that a batch is not padded to a square. Every iteration still takes
+    the same images as without groups, so epochs, resuming and the world-size independence are unchanged.
     """
 
     def __init__(self, num_samples: int, total_batch: int, batch_size: int, world: int, rank: int, seed: int,
-                 start: int, iters: int):
+                 start: int, iters: int, groups: Optional[Sequence[int]] = None):
         if num_samples == 0:
             raise ValueError('the training set is empty')
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f'groups has {len(groups)} entries for {num_samples} samples; expected one per sample')
         self.num_samples, self.total_batch, self.batch_size = num_samples, total_batch, batch_size
         self.world, self.rank, self.seed, self.start, self.iters = world, rank, seed, start, iters
+        self.groups = None if groups is None else np.asarray(groups)
         self.accumulation = total_batch // (batch_size * world)
         self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
 
@@ -250,14 +259,31 @@ class StreamSampler(torch.utils.data.Sampler):
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples))
         return epoch, int(self._order[1][p % self.num_samples])
 
+    def iteration(self, step: int) -> List[Tuple[int, int]]:
+        """Iteration ``step``'s ``total_batch`` keys, all ranks' micro-batches one after another."""
+        keys = [self.position(p) for p in range(step * self.total_batch, (step + 1) * self.total_batch)]
+        if self.groups is not None:
+            keys.sort(key=lambda key: self.groups[key[1]])  # stable: stream order within a group
+        return keys
+
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         for step in range(self.start, self.iters):
+            keys = self.iteration(step)
             for micro in range(self.accumulation):
-                first = step * self.total_batch + (micro * self.world + self.rank) * self.batch_size
-                yield [self.position(p) for p in range(first, first + self.batch_size)]
+                first = (micro * self.world + self.rank) * self.batch_size
+                yield keys[first:first + self.batch_size]
 
     def __len__(self) -> int:
         return (self.iters - self.start) * self.accumulation
+
+
+def train_sampler(train_set, config: 'DenseTrainConfig', world: int, rank: int, start: int,
+                  iters: int) -> StreamSampler:
+    """Rank ``rank``'s micro-batches of iterations ``start..iters``; a detection set's (with ``aspect_groups``)
+    keep portrait and landscape images apart, as mmdet's ``AspectRatioBatchSampler`` does."""
+    groups = train_set.aspect_groups() if hasattr(train_set, 'aspect_groups') else None
+    return StreamSampler(len(train_set), config.total_batch, config.batch_size, world, rank, config.seed, start,
+                         iters, groups)
 
 
 class EpochKeyed(torch.utils.data.Dataset):
@@ -556,8 +582,7 @@ def _train(model, config, train_set, collate, val_set, device, rank, world) -> D
             step_module, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=config.task == 'det')
 
-    sampler = StreamSampler(len(train_set), config.total_batch, config.batch_size, world, rank, config.seed,
-                            start, iters)
+    sampler = train_sampler(train_set, config, world, rank, start, iters)
     loader = torch.utils.data.DataLoader(
         EpochKeyed(train_set), batch_sampler=sampler, collate_fn=collate,
         num_workers=config.workers, pin_memory=device.type == 'cuda', persistent_workers=False)

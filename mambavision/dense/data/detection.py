@@ -224,6 +224,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def aspect_groups(self) -> np.ndarray:
+        """(N,) int64: 0 for an image narrower than it is tall, else 1, from the annotated sizes (the groups of
+        mmdet's ``AspectRatioBatchSampler``, which the training engine batches by)."""
+        return np.array([int(r.width >= r.height) for r in self.records], dtype=np.int64)
+
     def rng(self, index: int) -> np.random.Generator:
         """The generator of item ``index`` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
