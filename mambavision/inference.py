@@ -69,8 +69,9 @@ def cpu_compile_options(dtype: Optional[torch.dtype], gemm_templates: bool = Tru
     The C++ wrapper calls the kernels without Python between them (``mambavision_t``, batch 1, 2 threads:
     1.14-1.19x in bf16, 1.04x in float32). In bf16 on a CPU with AMX, the linears become inductor's AMX GEMM
     templates (``max_autotune`` over the 'CPP' backend only), which split every matmul over all threads,
-    where oneDNN runs some 196-token matmuls of stage 3 on one core at batch 1 (1.09-1.33x more over runs;
-    batch 16: level). In float32 those templates are slower than oneDNN's (0.68x), so they are not asked for;
+    where oneDNN runs some 196-token matmuls of stage 3 on one core at batch 1 (1.09x more with 2 copies per
+    variant; level at batch 4, 5-7% slower from batch 8: for throughput, pass ``options={'cpp_wrapper': True}``).
+    In float32 those templates are slower than oneDNN's (0.68x), so they are not asked for;
     ``gemm_templates=False`` leaves them out too (for graphs with a matmul they cannot compile).
     """
     options: dict = {'cpp_wrapper': True}
