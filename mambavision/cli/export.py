@@ -31,10 +31,10 @@ def run_export(args) -> int:
     from timm.data import resolve_model_data_config
 
     from mambavision.export import export_onnx, max_onnx_difference, onnx_session
-    from mambavision.factory import check_model_name, create_model_with_weights
+    from mambavision.factory import check_classifier_name, create_model_with_weights
     from mambavision.runtime import UserError
 
-    check_model_name(args.model)
+    check_classifier_name(args.model)  # a dense backbone tag exports nothing useful (and slowly, at 1280x800)
     if args.opset < 17:
         raise UserError(f'--opset {args.opset}: the graph needs opset 17 or newer (LayerNormalization)')
     if args.img_size is not None and args.img_size < 1:

@@ -234,6 +234,9 @@ def test_model_names_and_dense_tags(image_file, capsys):
                            'detector, without a classifier: `mambavision detect`', 'use mambavision_t.nv_in1k')
     assert main(['predict', str(image_file), '--model', 'mambavision_t.nv_ade20k']) == 1
     _assert_one_line_error(1, capsys.readouterr(), 'predict', '`mambavision segment`')
+    assert main(['export', '--model', 'mambavision_t.nv_coco', '--random-weights', '--output', 'unused.onnx']) == 1
+    _assert_one_line_error(1, capsys.readouterr(), 'export', 'mambavision_t.nv_coco is the backbone of a published '
+                           'detector', 'use mambavision_t.nv_in1k')
 
 
 def test_predict_folders_json_exif_device(tmp_path, capsys):
