@@ -36,7 +36,7 @@ def run_predict(args) -> int:
 
     from mambavision.factory import check_classifier_name, create_model_with_weights
     from mambavision.images import image_files, open_image, sample_image
-    from mambavision.runtime import resolve_device
+    from mambavision.runtime import UserError, resolve_device
 
     check_classifier_name(args.model)
     device = resolve_device(args.device)
@@ -45,6 +45,9 @@ def run_predict(args) -> int:
         open_image(path, decode=False)
     model = create_model_with_weights('predict', args.model, args.checkpoint, args.random_weights,
                                       sample_run=not args.images).eval().to(device)
+    if model.num_classes == 0:  # its outputs are pooled features, not class scores
+        raise UserError(f'{args.checkpoint} holds no classifier (a backbone or a dense model\'s weights): predict '
+                        f'needs a classification checkpoint (head.fc); for its features use forward_features')
     transform = create_transform(**resolve_model_data_config(model))
     label_names = model.pretrained_cfg.get('label_names')
     subset = None if label_names else infer_imagenet_subset(model)

@@ -55,6 +55,20 @@ def test_predict_names_the_checkpoint_classes(fine_tuned, capsys):
     assert sorted(ranked) == [f'{name} ({i})' for i, name in enumerate(sorted(COLOURS))]
 
 
+def test_predict_refuses_a_checkpoint_without_classifier(fine_tuned, tmp_path, capsys):
+    """A backbone's weights (no head.fc) would give 'class i' scores of its pooled features: refused in one line."""
+    from safetensors.torch import save_file
+    data, checkpoint = fine_tuned
+    backbone = {k: v for k, v in read_state_dict(str(checkpoint)).items() if not k.startswith('head.fc.')}
+    save_file(backbone, str(tmp_path / 'backbone.safetensors'))
+    argv = ['predict', str(data / 'val' / 'red' / '0.png'), '--model', 'test_mambavision',
+            '--checkpoint', str(tmp_path / 'backbone.safetensors')]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == '' and len(captured.err.strip().splitlines()) == 1
+    assert 'backbone.safetensors holds no classifier' in captured.err and 'forward_features' in captured.err
+
+
 def test_export_has_the_checkpoint_outputs(fine_tuned, tmp_path, capsys):
     _, checkpoint = fine_tuned
     out = tmp_path / 'fine_tuned.onnx'
