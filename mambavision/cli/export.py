@@ -34,7 +34,7 @@ def run_export(args) -> int:
     from mambavision.factory import check_classifier_name, create_model_with_weights
     from mambavision.runtime import UserError
 
-    check_classifier_name(args.model)  # a dense backbone tag exports nothing useful (and slowly, at 1280x800)
+    check_classifier_name(args.model)  # a dense backbone tag: no classifier, and a 1344x1344 export
     if args.opset < 17:
         raise UserError(f'--opset {args.opset}: the graph needs opset 17 or newer (LayerNormalization)')
     if args.img_size is not None and args.img_size < 1:
