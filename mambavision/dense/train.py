@@ -280,7 +280,10 @@ class StreamSampler(torch.utils.data.Sampler):
 def train_sampler(train_set, config: 'DenseTrainConfig', world: int, rank: int, start: int,
                   iters: int) -> StreamSampler:
     """Rank ``rank``'s micro-batches of iterations ``start..iters``; a detection set's (with ``aspect_groups``)
-    keep portrait and landscape images apart, as mmdet's ``AspectRatioBatchSampler`` does."""
+    keep portrait and landscape images apart, as mmdet's ``AspectRatioBatchSampler`` does. ``config`` is resolved
+    (``DenseTrainConfig.resolved``)."""
+    if config.batch_size is None:
+        raise ValueError('train_sampler needs a resolved config (DenseTrainConfig.resolved()): batch_size is None')
     groups = train_set.aspect_groups() if hasattr(train_set, 'aspect_groups') else None
     return StreamSampler(len(train_set), config.total_batch, config.batch_size, world, rank, config.seed, start,
                          iters, groups)

@@ -211,6 +211,8 @@ def test_training_batches_of_a_detection_set_are_grouped_by_aspect_ratio():
     assert len(batches) == 32 and sum(_mixed(b, groups) for b in batches) <= 8
     segmentation_like = torch.utils.data.TensorDataset(torch.zeros(32))  # no aspect_groups: the plain stream
     assert train_sampler(segmentation_like, config, 1, 0, 0, 8).groups is None
+    with pytest.raises(ValueError, match='needs a resolved config'):
+        train_sampler(dataset, DenseTrainConfig(task='det', output='unused'), 1, 0, 0, 8)
 
 
 def test_batch_split_must_make_the_total():
