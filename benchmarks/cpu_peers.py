@@ -24,9 +24,9 @@ Each row is compared with the first peer's row of the same kind (like with like)
 times the float32 eager paths alone: in a process that also holds the compiled variants, the
 eager rows come out slower and less repeatable (seen, not explained). ``--copies K`` builds every
 variant K times over (separate weights in memory) and times the K copies back to back in each
-round: on the 2-core machine of the README, identical copies of one model differed by up to 8% (a one-off
-measurement) at
-batch 1 (where their weights landed in memory), so one copy per model can decide a 5% comparison.
+round: on the 2-core machine of the README, identical copies of one model differed by up to 8%
+at batch 1 (a one-off measurement; where their weights landed in memory), so one copy per model
+can decide a 5% comparison.
 
     python benchmarks/cpu_peers.py --output peers.md     # about 10-15 min on 2 idle cores (6 compilations)
 """
