@@ -54,13 +54,16 @@ __all__ = ['OPTIONS', 'train', 'validate', 'resolve_config', 'load_config', 'loa
 
 _logger = logging.getLogger(__name__)
 
+# timm's names for resize interpolations (``timm.data.transforms.str_to_interp_mode``)
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+
 # Config sections whose keys are also command-line options (default: used when neither config nor CLI sets one).
 OPTIONS: Dict[str, Dict[str, Dict[str, Any]]] = {
     'data': {
         'input_size': dict(type=int, nargs=3, metavar=('C', 'H', 'W'), help='model input size'),
         'crop_pct': dict(type=float, help='eval: resize to size / crop_pct, then crop'),
         'crop_mode': dict(choices=['center', 'squash', 'border'], help='eval crop mode'),
-        'interpolation': dict(help='eval resize interpolation'),
+        'interpolation': dict(choices=INTERPOLATIONS, help='eval resize interpolation'),
         'mean': dict(type=float, nargs='+', help='normalisation mean per channel'),
         'std': dict(type=float, nargs='+', help='normalisation std per channel'),
     },
@@ -81,7 +84,8 @@ OPTIONS: Dict[str, Dict[str, Dict[str, Any]]] = {
         'aa': dict(help="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1' ('none': off)"),
         'reprob': dict(type=float, default=0., help='random erasing probability'),
         'color_jitter': dict(type=float, default=0.4, help='colour jitter strength'),
-        'train_interpolation': dict(default='random', help='train resize interpolation'),
+        'train_interpolation': dict(default='random', choices=INTERPOLATIONS + ('random',),
+                                    help="train resize interpolation ('random': bilinear or bicubic per image)"),
         'model_ema_decay': dict(type=float, default=0., help='decay of the weight EMA (0: no EMA)'),
         'clip_grad': dict(type=float, default=0., help='clip the gradient norm to this (0: no clipping)'),
     },
@@ -127,6 +131,8 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
         for key, spec in options.items():
             value = getattr(args, key)
             value = value if value is not None else given.get(key, spec.get('default'))
+            if value is not None and 'choices' in spec and value not in spec['choices']:
+                raise ValueError(f'{section}.{key} is {value!r}; expected one of {", ".join(spec["choices"])}')
             out[section][key] = list(value) if isinstance(value, (list, tuple)) else value
     if args.img_size:
         out['data']['input_size'] = [3, args.img_size, args.img_size]

@@ -7,13 +7,14 @@ import pytest
 import timm
 import torch
 import yaml
+from timm.data.transforms import str_to_interp_mode
 from timm.layers import DropPath
 from timm.models import split_model_name_tag
 
 import mambavision  # noqa: F401  (registers the models)
 from mambavision.cli import COMMANDS
 from mambavision.model import _arch_args
-from mambavision.train import resolve_config
+from mambavision.train import INTERPOLATIONS, resolve_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*.yaml'))
 # the recipe every published ImageNet-1K config shares (weight decay, warm-up and drop path vary by variant)
@@ -96,3 +97,18 @@ def test_bad_configs_are_refused(tmp_path):
             ['--config', str(CONFIGS[0]), '--model', 'test_mambavision', '--data-dir', 'x']))
     with pytest.raises(FileNotFoundError, match='config file not found'):
         resolve_config(_train_parser().parse_args(['--config', str(tmp_path / 'none.yaml'), '--data-dir', 'x']))
+
+
+def test_interpolations_are_timms_and_others_are_refused(tmp_path, capsys):
+    for name in INTERPOLATIONS:
+        str_to_interp_mode(name)  # timm knows every name we offer
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('model: mambavision_t\ndata:\n  interpolation: cubic\n')
+    with pytest.raises(ValueError, match=r"data\.interpolation is 'cubic'; expected one of nearest, bilinear"):
+        resolve_config(_train_parser().parse_args(['--config', str(bad), '--data-dir', 'x']))
+    bad.write_text('model: mambavision_t\ntrain:\n  train_interpolation: cubic\n')
+    with pytest.raises(ValueError, match=r"train\.train_interpolation is 'cubic'; expected one of .*, random"):
+        resolve_config(_train_parser().parse_args(['--config', str(bad), '--data-dir', 'x']))
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(['--model', 'mambavision_t', '--data-dir', 'x', '--interpolation', 'cubic'])
+    assert "invalid choice: 'cubic'" in capsys.readouterr().err
