@@ -16,7 +16,9 @@ logits); ``rel err`` is the relative L2 distance of the logits to the model's fl
 ``--op-path`` adds MambaVision variants whose mixers run the scan op on (B, C, L) tensors (the
 training path, and the inference path before ``ops.mixer_cpu``'s fused kernel), for a before/after;
 ``--channels-last`` adds every model in float32 eager with its weights and input in channels_last
-(timm's ``--channels-last``, a user's one-line change); ``--option-menu`` adds every model's best
+(timm's ``--channels-last``, a user's one-line change), and MambaVision's float32 eager path with its
+BatchNorms folded as well (``optimize_for_inference(model, None)``, compared with the peers' channels_last
+rows: they have no BatchNorm to fold); ``--option-menu`` adds every model's best
 path compiled without ``cpu_compile_options`` (the
 best path before them) and with the C++ wrapper alone, so that each model's best over the same
 menu can be read off; ``--autotune`` adds every best path compiled with ``mode='max-autotune'``.
@@ -79,6 +81,7 @@ def op_path(model: nn.Module) -> nn.Module:
 
 
 BEST = 'best path (bf16, compiled)'
+FP32_OPTIMIZED = 'fp32 eager, BatchNorm folded + channels_last'
 OPTION_MENU = {'best path, no CPU options': {}, 'best path, C++ wrapper only': {'cpp_wrapper': True}}
 
 
@@ -112,6 +115,8 @@ def build_variants(names, with_op_path: bool = False, autotune: bool = False,
         specs: List[Tuple[str, Callable[[nn.Module], Callable], Optional[str]]] = [('fp32 eager', lambda m: m, None)]
         if with_channels_last:
             specs.append(('fp32 eager, channels_last', channels_last, None))
+            if isinstance(model, mambavision.MambaVision):  # the peers' same treatment is channels_last alone
+                specs.append((FP32_OPTIMIZED, lambda m: optimize_for_inference(m, None), 'fp32 eager, channels_last'))
         if ours_op_path:
             specs.append(('fp32 eager, op path', op_path, 'fp32 eager'))
         if not eager_only:
@@ -172,7 +177,8 @@ def main():
     parser.add_argument('--option-menu', action='store_true',
                         help='also time each best path without the CPU compile options and with the C++ wrapper only')
     parser.add_argument('--channels-last', action='store_true',
-                        help='also time each model in float32 eager with channels_last weights and input')
+                        help='also time each model in float32 eager with channels_last weights and input, and '
+                             'MambaVision with its BatchNorms folded too (optimize_for_inference(model, None))')
     parser.add_argument('--eager-only', action='store_true',
                         help='time the float32 eager paths alone, in a process without compiled models')
     parser.add_argument('--autotune', action='store_true',
