@@ -109,6 +109,11 @@ def load_config(path: str) -> Dict[str, Any]:
                 for k in config[s] if k not in OPTIONS[s]]
     if unknown:
         raise ValueError(f'config {path} has unknown keys: {", ".join(unknown)}')
+    for section in (s for s in OPTIONS if isinstance(config.get(s), dict)):
+        for key, value in config[section].items():
+            choices = OPTIONS[section][key].get('choices')
+            if choices and value not in choices:
+                raise ValueError(f'config {path}: {section}.{key} is {value!r}; expected one of {", ".join(choices)}')
     return config
 
 
@@ -131,8 +136,6 @@ def resolve_config(args: argparse.Namespace) -> Dict[str, Any]:
         for key, spec in options.items():
             value = getattr(args, key)
             value = value if value is not None else given.get(key, spec.get('default'))
-            if value is not None and 'choices' in spec and value not in spec['choices']:
-                raise ValueError(f'{section}.{key} is {value!r}; expected one of {", ".join(spec["choices"])}')
             out[section][key] = list(value) if isinstance(value, (list, tuple)) else value
     if args.img_size:
         out['data']['input_size'] = [3, args.img_size, args.img_size]
